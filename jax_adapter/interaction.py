@@ -1,0 +1,122 @@
+"""Interaction blocks: the injector (SPM -> ViT), the extractor (ViT -> SPM) and ConvFFN."""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_adapter.config import AdapterConfig
+from jax_adapter.deform_attn import MSDeformAttn
+from jax_adapter.geometry import AdapterGeometry
+from jax_adapter.layers import conv, drop_path, gelu, layer_norm, linear
+
+
+class DWConv(nnx.Module):
+    """Depthwise 3x3 conv applied to each SPM level at its own shape (shared weights).
+
+    ``[B, c2+c3+c4 tokens, C] -> same``. The PyTorch original splits the sequence by
+    ``n // 21`` and assumes sizes ``h//8, h//16, h//32``; here the split comes from the geometry.
+    """
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs):
+        self.dwconv = conv(dim, dim, 3, padding=1, groups=dim, rngs=rngs)
+
+    def __call__(self, x: jax.Array, geom: AdapterGeometry) -> jax.Array:
+        b, _, c = x.shape
+        outs = []
+        for (h, w), start, n in zip(geom.level_shapes, geom.level_starts, geom.level_lengths):
+            level = x[:, start:start + n].reshape(b, h, w, c)
+            outs.append(self.dwconv(level).reshape(b, n, c))
+        return jnp.concatenate(outs, axis=1)
+
+
+class ConvFFN(nnx.Module):
+    """``fc1 -> per-level depthwise conv -> GELU -> fc2`` on SPM tokens ``[B, Nc, D]``."""
+
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
+        self.fc1 = linear(dim, hidden, rngs=rngs)
+        self.dwconv = DWConv(hidden, rngs=rngs)
+        self.fc2 = linear(hidden, dim, rngs=rngs)
+
+    def __call__(self, x: jax.Array, geom: AdapterGeometry) -> jax.Array:
+        return self.fc2(gelu(self.dwconv(self.fc1(x), geom)))
+
+
+class Injector(nnx.Module):
+    """``x + gamma * MSDeformAttn(query_norm(x), feat_norm(c))`` over levels c2, c3, c4.
+
+    ``x [B, Hv*Wv, D]`` (patch tokens), ``c [B, c2+c3+c4, D]`` -> ``[B, Hv*Wv, D]``.
+    """
+
+    def __init__(self, cfg: AdapterConfig, *, rngs: nnx.Rngs):
+        d = cfg.embed_dim
+        self.query_norm = layer_norm(d, rngs=rngs)
+        self.feat_norm = layer_norm(d, rngs=rngs)
+        self.attn = MSDeformAttn(d, 3, cfg.deform_num_heads, cfg.n_points, cfg.deform_ratio,
+                                 impl=cfg.msda_impl, rngs=rngs)
+        self.gamma = nnx.Param(jnp.full((d,), cfg.init_values, jnp.float32))
+
+    def __call__(self, x: jax.Array, c: jax.Array, geom: AdapterGeometry) -> jax.Array:
+        attn = self.attn(self.query_norm(x), geom.injector_reference_points, self.feat_norm(c),
+                         geom.level_shapes)
+        return x + self.gamma[...].astype(x.dtype) * attn
+
+
+class Extractor(nnx.Module):
+    """``c + MSDeformAttn(query_norm(c), feat_norm(x))`` over the ViT grid, then ConvFFN.
+
+    ``c [B, c2+c3+c4, D]``, ``x [B, Hv*Wv, D]`` -> ``[B, c2+c3+c4, D]``.
+    """
+
+    def __init__(self, cfg: AdapterConfig, *, rngs: nnx.Rngs):
+        d = cfg.embed_dim
+        self.query_norm = layer_norm(d, rngs=rngs)
+        self.feat_norm = layer_norm(d, rngs=rngs)
+        self.attn = MSDeformAttn(d, 1, cfg.deform_num_heads, cfg.n_points, cfg.deform_ratio,
+                                 impl=cfg.msda_impl, rngs=rngs)
+        self.with_cffn = cfg.with_cffn
+        if cfg.with_cffn:
+            self.ffn = ConvFFN(d, int(d * cfg.cffn_ratio), rngs=rngs)
+            self.ffn_norm = layer_norm(d, rngs=rngs)
+            self.drop_path = drop_path(cfg.drop_path_rate, rngs=rngs)
+
+    def __call__(self, c: jax.Array, x: jax.Array, geom: AdapterGeometry) -> jax.Array:
+        c = c + self.attn(self.query_norm(c), geom.extractor_reference_points, self.feat_norm(x),
+                          (geom.vit_grid,))
+        if self.with_cffn:
+            c = c + self.drop_path(self.ffn(self.ffn_norm(c), geom))
+        return c
+
+
+class InteractionBlock(nnx.Module):
+    """Injector, a run of ViT blocks over ``[prefix, x]``, extractor(s).
+
+    ``prefix [B, 1+R, D]`` holds cls then register tokens; they join the patch tokens for the
+    ViT blocks only. Returns the updated ``(x, c, prefix)``.
+    """
+
+    def __init__(self, cfg: AdapterConfig, extra_extractors: bool, *, rngs: nnx.Rngs):
+        self.injector = Injector(cfg, rngs=rngs)
+        self.extractor = Extractor(cfg, rngs=rngs)
+        self.extra_extractors = (
+            nnx.List([Extractor(cfg, rngs=rngs) for _ in range(2)]) if extra_extractors else None
+        )
+
+    def __call__(
+        self, x: jax.Array, c: jax.Array, prefix: jax.Array, blocks: Sequence[nnx.Module],
+        geom: AdapterGeometry,
+    ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+        x = self.injector(x, c, geom)
+        n_prefix = prefix.shape[1]
+        t = jnp.concatenate([prefix, x], axis=1)
+        for blk in blocks:
+            t = blk(t)
+        prefix, x = t[:, :n_prefix], t[:, n_prefix:]
+        c = self.extractor(c, x, geom)
+        if self.extra_extractors is not None:
+            for ext in self.extra_extractors:
+                c = ext(c, x, geom)
+        return x, c, prefix

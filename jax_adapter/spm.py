@@ -1,0 +1,49 @@
+"""The Spatial Prior Module: a small conv stem giving maps at strides 4, 8, 16 and 32.
+
+Module paths mirror the PyTorch ``nn.Sequential`` indices (``stem.0`` conv, ``stem.1`` BN, ...).
+Each stride-2 op maps ``n -> ceil(n / 2)``; :mod:`jax_adapter.geometry` predicts the same sizes.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import jax
+from flax import nnx
+
+from jax_adapter.geometry import AdapterGeometry
+from jax_adapter.layers import BatchNorm2d, MaxPool3x3s2, ReLU, conv, run_sequential
+
+
+def _conv_bn_relu(din: int, dout: int, stride: int, *, rngs: nnx.Rngs):
+    return [conv(din, dout, 3, stride=stride, padding=1, bias=False, rngs=rngs), BatchNorm2d(dout), ReLU()]
+
+
+class SpatialPriorModule(nnx.Module):
+    """``images [B, Hp, Wp, 3]`` -> ``c1 [B, *c1, D]`` map and ``c2, c3, c4`` token sequences."""
+
+    def __init__(self, inplanes: int, embed_dim: int, *, rngs: nnx.Rngs):
+        c = inplanes
+        self.stem = nnx.List(
+            _conv_bn_relu(3, c, 2, rngs=rngs) + _conv_bn_relu(c, c, 1, rngs=rngs)
+            + _conv_bn_relu(c, c, 1, rngs=rngs) + [MaxPool3x3s2()]
+        )
+        self.conv2 = nnx.List(_conv_bn_relu(c, 2 * c, 2, rngs=rngs))
+        self.conv3 = nnx.List(_conv_bn_relu(2 * c, 4 * c, 2, rngs=rngs))
+        self.conv4 = nnx.List(_conv_bn_relu(4 * c, 4 * c, 2, rngs=rngs))
+        self.fc1 = conv(c, embed_dim, 1, rngs=rngs)
+        self.fc2 = conv(2 * c, embed_dim, 1, rngs=rngs)
+        self.fc3 = conv(4 * c, embed_dim, 1, rngs=rngs)
+        self.fc4 = conv(4 * c, embed_dim, 1, rngs=rngs)
+
+    def __call__(self, x: jax.Array, geom: AdapterGeometry) -> Tuple[jax.Array, ...]:
+        c1 = run_sequential(self.stem, x)
+        c2 = run_sequential(self.conv2, c1)
+        c3 = run_sequential(self.conv3, c2)
+        c4 = run_sequential(self.conv4, c3)
+        maps = (self.fc1(c1), self.fc2(c2), self.fc3(c3), self.fc4(c4))
+        for i, (f, shape) in enumerate(zip(maps, geom.spm_shapes)):
+            # The geometry is the contract; a mismatch is a bug, not an input error.
+            assert f.shape[1:3] == shape, (i, f.shape, shape)
+        b, d = x.shape[0], maps[0].shape[-1]
+        return (maps[0],) + tuple(f.reshape(b, -1, d) for f in maps[1:])
