@@ -1,0 +1,152 @@
+"""The ``jax-adapter`` command line: ``convert`` and ``demo``.
+
+Errors print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import List, Optional
+
+SEED_SIZES = ((256, 704), (224, 224), (900, 1600), (480, 640), (300, 500))
+
+
+class CliError(Exception):
+    pass
+
+
+def _config(args):
+    from jax_adapter.config import AdapterConfig, load_config_file
+
+    if args.config and args.preset:
+        raise CliError("give --config or --preset, not both")
+    if args.config:
+        return load_config_file(args.config)
+    if args.preset:
+        return AdapterConfig.preset(args.preset)
+    raise CliError("the model config is needed: pass --config CONFIG.json or --preset NAME")
+
+
+def cmd_convert(args) -> int:
+    from convert.pipeline import convert_file
+
+    cfg = _config(args)
+    prov = convert_file(args.src, args.dst, cfg, prefix=args.prefix, overwrite=args.overwrite,
+                        dtype=args.dtype)
+    print(json.dumps({"written": args.dst, **prov}))
+    return 0
+
+
+def synthetic_image(h: int, w: int):
+    """A deterministic street-like test picture (sky, road, boxes), ImageNet-normalised NHWC."""
+    import numpy as np
+
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    horizon = 0.45 * h
+    img[..., 0] = np.where(y < horizon, 0.5 + 0.3 * y / h, 0.35)
+    img[..., 1] = np.where(y < horizon, 0.7 + 0.2 * y / h, 0.35)
+    img[..., 2] = np.where(y < horizon, 0.95, 0.38 + 0.05 * np.sin(x / 7.0))
+    for k, (cx, cy, bw, bh) in enumerate(((0.2, 0.6, 0.12, 0.15), (0.55, 0.58, 0.08, 0.1), (0.8, 0.65, 0.15, 0.2))):
+        box = (np.abs(x / w - cx) < bw / 2) & (np.abs(y / h - cy) < bh / 2)
+        img[box] = ((0.8, 0.1, 0.1), (0.1, 0.3, 0.8), (0.9, 0.9, 0.9))[k]
+    mean = np.array([0.485, 0.456, 0.406], np.float32)
+    std = np.array([0.229, 0.224, 0.225], np.float32)
+    return ((img - mean) / std)[None]
+
+
+def cmd_demo(args) -> int:
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jax_adapter.adapter import DinoAdapter
+    from jax_adapter.pretrained import load_pretrained
+
+    if args.checkpoint:
+        model = load_pretrained(args.checkpoint)
+        name = args.checkpoint
+    else:
+        cfg = _config(args) if (args.config or args.preset) else None
+        from jax_adapter.config import AdapterConfig
+
+        cfg = cfg or AdapterConfig.preset("dinov2_vits14")
+        model = DinoAdapter(cfg, rngs=nnx.Rngs(args.seed))
+        model.eval()
+        name = args.preset or args.config or "dinov2_vits14 (random weights)"
+    sizes = [_parse_size(s) for s in args.sizes] if args.sizes else SEED_SIZES
+    graph, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, images):
+        return nnx.merge(graph, state)(images)
+
+    print(f"model {name}: {sum(np.size(v) for v in jax.tree.leaves(state)):,} parameters, "
+          f"backend {jax.default_backend()}")
+    for h, w in sizes:
+        geom = model.geometry(h, w)
+        images = np.repeat(synthetic_image(h, w), args.batch, axis=0)
+        t0 = time.perf_counter()
+        compiled = forward.lower(state, images).compile()
+        t1 = time.perf_counter()
+        out = jax.block_until_ready(compiled(state, images))
+        t2 = time.perf_counter()
+        out = jax.block_until_ready(compiled(state, images))
+        t3 = time.perf_counter()
+        levels = " ".join(f"f{i + 1}={tuple(f.shape[1:3])}" for i, f in enumerate(out.features))
+        print(f"{h}x{w} (padded {geom.padded[0]}x{geom.padded[1]}, vit grid {geom.vit_grid}, "
+              f"spm tokens {geom.num_spm_tokens}): {levels} vit={tuple(out.vit.shape[1:3])} | "
+              f"compile {t1 - t0:.2f}s, first run {t2 - t1:.2f}s, run {t3 - t2:.3f}s")
+        if not all(np.isfinite(np.asarray(f)).all() for f in out.features):
+            raise CliError(f"non-finite output at {h}x{w}")
+    return 0
+
+
+def _parse_size(s: str):
+    try:
+        h, w = (int(v) for v in s.lower().split("x"))
+    except ValueError:
+        raise CliError(f"bad size {s!r}: expected HxW, e.g. 256x704") from None
+    return h, w
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jax-adapter", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert a PyTorch DinoAdapter or DINOv2 .pth into a checkpoint directory")
+    c.add_argument("src", help="PyTorch checkpoint (.pth)")
+    c.add_argument("dst", help="output checkpoint directory")
+    c.add_argument("--config", help="AdapterConfig JSON (PyTorch DinoAdapter keyword arguments)")
+    c.add_argument("--preset", help="a named preset instead of --config, e.g. dinov2_vitb14")
+    c.add_argument("--prefix", help="key prefix of the backbone inside a detector checkpoint")
+    c.add_argument("--dtype", choices=("float32", "bfloat16"), help="dtype of the stored arrays")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    c.set_defaults(func=cmd_convert)
+
+    d = sub.add_parser("demo", help="run the backbone on a synthetic image at the seed sizes, with timings")
+    d.add_argument("--preset", help="preset name (default dinov2_vits14, random weights)")
+    d.add_argument("--config", help="AdapterConfig JSON")
+    d.add_argument("--checkpoint", help="a converted checkpoint directory")
+    d.add_argument("--sizes", nargs="+", help="HxW sizes (default: the five seed sizes)")
+    d.add_argument("--batch", type=int, default=1)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CliError, ValueError, OSError) as e:
+        msg = " ".join(str(e).split())
+        print(f"jax-adapter {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""DinoAdapter behaviour beyond fixture parity: any size under jit, presets, bad input, init."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jax_adapter
+from jax_adapter import AdapterConfig, DinoAdapter, compute_geometry
+from jax_adapter.deform_attn import MSDeformAttn
+from conftest import FIXTURES
+
+TINY = AdapterConfig(**json.loads((FIXTURES / "seed_adapter_tiny.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return DinoAdapter(TINY, rngs=nnx.Rngs(0))
+
+
+def _jit_forward(model):
+    graph, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, images):
+        return nnx.merge(graph, state)(images)
+
+    return lambda images: forward(state, images)
+
+
+@pytest.mark.parametrize("size", [(256, 704), (37, 53), (14, 14), (64, 64), (224, 230)])
+def test_any_size_jits_with_geometry_shapes(tiny, size):
+    h, w = size
+    geom = compute_geometry(h, w)
+    out = _jit_forward(tiny)(jnp.ones((1, h, w, 3), jnp.float32))
+    assert [f.shape[1:3] for f in out.features] == list(geom.output_sizes)
+    assert out.vit.shape == (1, *geom.vit_output_size, TINY.embed_dim)
+    assert all(bool(jnp.isfinite(f).all()) for f in out.features)
+
+
+def test_add_vit_feature_is_defined_for_patch_14():
+    model = DinoAdapter(TINY.replace(add_vit_feature=True), rngs=nnx.Rngs(0))
+    base = DinoAdapter(TINY, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (1, 61, 83, 3))
+    a, b = model(x), base(x)
+    assert [f.shape for f in a.features] == [f.shape for f in b.features]
+    # Same weights, so the difference is exactly the added ViT maps.
+    assert all(float(jnp.abs(fa - fb).max()) > 1e-3 for fa, fb in zip(a.features, b.features))
+
+
+@pytest.mark.parametrize(
+    "images, match",
+    [
+        (np.zeros((61, 83, 3), np.float32), "rank 3"),
+        (np.zeros((1, 3, 61, 83), np.float32), "3 channels last"),
+        (np.zeros((1, 61, 83, 4), np.float32), "3 channels last"),
+        (np.zeros((1, 61, 83, 3), np.uint8), "floating point"),
+        (np.zeros((1, 15, 29, 3), np.float32), "too small"),
+        (np.zeros((0, 61, 83, 3), np.float32), "empty"),
+    ],
+)
+def test_bad_images_raise_value_error(tiny, images, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(images)
+    with pytest.raises(ValueError, match=match):
+        _jit_forward(tiny)(images)
+
+
+def test_train_and_eval_modes(tiny):
+    tiny.train()
+    assert not tiny.norm1.use_running_average and not tiny.spm.stem[1].use_running_average
+    tiny.eval()
+    assert tiny.norm1.use_running_average
+
+
+def test_msdeformattn_init_matches_pytorch_reset_parameters():
+    attn = MSDeformAttn(32, n_levels=2, n_heads=8, n_points=3, rngs=nnx.Rngs(0))
+    bias = np.asarray(attn.sampling_offsets.bias[...]).reshape(8, 2, 3, 2)
+    np.testing.assert_allclose(bias[0, :, :, 0], [[1, 2, 3]] * 2, atol=1e-6)  # head 0: +x
+    np.testing.assert_allclose(bias[0, :, :, 1], 0, atol=1e-6)
+    np.testing.assert_allclose(bias[1, 1, 2], [3, 3], atol=1e-6)  # 45 degrees, scaled to max 1
+    np.testing.assert_allclose(bias[2, 0, 0], [0, 1], atol=1e-6)  # 90 degrees
+    assert np.all(np.asarray(attn.sampling_offsets.kernel[...]) == 0)
+    assert np.all(np.asarray(attn.attention_weights.kernel[...]) == 0)
+    assert np.all(np.asarray(attn.attention_weights.bias[...]) == 0)
+
+
+# Parameter counts of the DINOv2 hub state dicts; they include mask_token [1, D], which we drop.
+TRUNK_PARAMS = {"s": 22_056_576, "b": 86_580_480, "l": 304_368_640, "g": 1_136_480_768}
+
+
+@pytest.mark.parametrize("name", jax_adapter.PRESETS)
+def test_every_preset_builds_and_traces_at_256x704(name):
+    cfg = AdapterConfig.preset(name)
+    model = nnx.eval_shape(lambda: DinoAdapter(cfg, rngs=nnx.Rngs(0)))
+    graph, state = nnx.split(model)
+    out = jax.eval_shape(lambda s, x: nnx.merge(graph, s)(x), state, jax.ShapeDtypeStruct((6, 256, 704, 3), jnp.float32))
+    assert [f.shape for f in out.features] == [(6, 64, 176, cfg.embed_dim), (6, 32, 88, cfg.embed_dim),
+                                               (6, 16, 44, cfg.embed_dim), (6, 8, 22, cfg.embed_dim)]
+    if name != "tiny":
+        variant = name[len("dinov2_vit")]
+        trunk = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        n = sum(int(np.prod(v.shape)) for k, v in trunk.items()
+                if k.startswith(("cls_token", "pos_embed", "register_tokens", "patch_embed", "blocks", "norm.")))
+        assert n == TRUNK_PARAMS[variant] - cfg.embed_dim + (4 * cfg.embed_dim if name.endswith("_reg") else 0)
+
+
+def test_unknown_preset_and_config_fields():
+    with pytest.raises(ValueError, match="unknown preset"):
+        AdapterConfig.preset("dinov2_vitx14")
+    with pytest.raises(ValueError, match="unknown AdapterConfig fields: bogus"):
+        AdapterConfig.from_dict({"bogus": 1})
+    with pytest.raises(ValueError, match="interaction_indexes"):
+        AdapterConfig(interaction_indexes=((0, 2), (4, 5)))

@@ -1,0 +1,132 @@
+"""``jax-adapter convert`` and ``load_pretrained``: round trip, DINOv2-only sources, errors."""
+
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import jax_adapter
+from jax_adapter.cli import main
+from convert.keys import to_state_dict
+from conftest import FIXTURES, load_npz
+
+TINY_PTH = str(FIXTURES / "seed_adapter_tiny.pth")
+TINY_CFG = str(FIXTURES / "seed_adapter_tiny.json")
+
+
+def run(argv, capsys):
+    rc = main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_convert_then_load_pretrained_matches_reference(tmp_path, capsys):
+    dst = str(tmp_path / "ckpt")
+    rc, out, err = run(["convert", TINY_PTH, dst, "--config", TINY_CFG], capsys)
+    assert rc == 0, err
+    prov = json.loads(out)
+    assert prov["format"] == "dinoadapter" and prov["loaded"] == 301 and len(prov["sha256"]) == 64
+    model = jax_adapter.load_pretrained(dst)
+    assert isinstance(model, jax_adapter.DinoAdapter)
+    assert model.norm1.use_running_average  # eval mode
+    io = load_npz("seed_adapter_tiny_io.npz")
+    out = model(jnp.asarray(io["input1"].transpose(0, 2, 3, 1)))
+    np.testing.assert_allclose(np.asarray(out.vit).transpose(0, 3, 1, 2), io["input1_x_out"], atol=1e-4, rtol=0)
+    # Every tensor survives the trip bit for bit.
+    ref = torch.load(TINY_PTH, weights_only=True)
+    back = to_state_dict(model)
+    assert set(back) == set(ref)
+    for k, v in ref.items():
+        np.testing.assert_array_equal(back[k], v.numpy(), err_msg=k)
+
+
+def test_dinov2_only_source_fills_trunk_and_keeps_fresh_adapter(tmp_path, capsys):
+    cfg = dict(json.loads(open(TINY_CFG).read()), depth=3, interaction_indexes=[[0, 0], [1, 1], [2, 2]])
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(cfg))
+    dst = str(tmp_path / "ckpt")
+    rc, out, err = run(["convert", str(FIXTURES / "dinov2_tiny_noreg.pth"), dst, "--config", str(cfg_path)], capsys)
+    assert rc == 0, err
+    prov = json.loads(out)
+    assert prov["format"] == "dinov2_hub" and prov["kept"] > 0
+    model = jax_adapter.load_pretrained(dst)
+    ref = torch.load(FIXTURES / "dinov2_tiny_noreg.pth", weights_only=True)
+    back = to_state_dict(model)
+    for k, v in ref.items():
+        if k != "mask_token":
+            np.testing.assert_array_equal(back[k], v.numpy(), err_msg=k)
+    # The adapter's MSDeformAttn keeps its PyTorch initialisation.
+    assert np.all(back["interactions.0.injector.attn.sampling_offsets.weight"] == 0)
+
+
+def test_detector_checkpoint_with_prefix(tmp_path, capsys):
+    sd = torch.load(TINY_PTH, weights_only=True)
+    wrapped = {"state_dict": {f"img_backbone.{k}": v for k, v in sd.items()},
+               "optimizer": {"state": {}, "param_groups": []}, "meta": {"epoch": 3}}
+    wrapped["state_dict"]["pts_bbox_head.cls.weight"] = torch.zeros(3, 3)
+    src = tmp_path / "detector.pth"
+    torch.save(wrapped, src)
+    rc, out, err = run(["convert", str(src), str(tmp_path / "ckpt"), "--config", TINY_CFG], capsys)
+    assert rc == 0, err
+    assert json.loads(out)["prefix"] == "img_backbone."
+
+
+def _assert_fails(argv, capsys, match, dst):
+    rc, out, err = run(argv, capsys)
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and match in err, err
+    assert not os.path.exists(dst)
+    assert not [p for p in os.listdir(os.path.dirname(dst)) if p.startswith(".jax_adapter-")]
+
+
+def test_error_wrong_config_names_the_keys(tmp_path, capsys):
+    cfg = dict(json.loads(open(TINY_CFG).read()), conv_inplane=32)
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps(cfg))
+    dst = str(tmp_path / "out")
+    _assert_fails(["convert", TINY_PTH, dst, "--config", str(cfg_path)], capsys, "mis-shaped keys: spm.", dst)
+
+
+def test_error_unexpected_and_missing_keys(tmp_path, capsys):
+    sd = torch.load(TINY_PTH, weights_only=True)
+    sd["spm.extra.weight"] = torch.zeros(2)
+    del sd["level_embed"]
+    src = tmp_path / "bad.pth"
+    torch.save(sd, src)
+    dst = str(tmp_path / "out")
+    rc, out, err = run(["convert", str(src), dst, "--config", TINY_CFG], capsys)
+    assert rc == 2 and "unexpected keys: spm.extra.weight" in err and "missing keys: level_embed" in err
+    assert not os.path.exists(dst)
+
+
+def test_error_truncated_file(tmp_path, capsys):
+    src = tmp_path / "trunc.pth"
+    src.write_bytes(open(TINY_PTH, "rb").read()[:4096])
+    dst = str(tmp_path / "out")
+    _assert_fails(["convert", str(src), dst, "--config", TINY_CFG], capsys, "not a readable PyTorch checkpoint", dst)
+
+
+def test_error_missing_config_and_missing_file(tmp_path, capsys):
+    dst = str(tmp_path / "out")
+    _assert_fails(["convert", TINY_PTH, dst], capsys, "--config", dst)
+    _assert_fails(["convert", str(tmp_path / "nope.pth"), dst, "--config", TINY_CFG], capsys, "no such file", dst)
+
+
+def test_existing_destination_is_refused_unless_overwrite(tmp_path, capsys):
+    dst = tmp_path / "ckpt"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("x")
+    rc, _, err = run(["convert", TINY_PTH, str(dst), "--config", TINY_CFG], capsys)
+    assert rc == 2 and "--overwrite" in err and (dst / "keep.txt").exists()
+    rc, _, err = run(["convert", TINY_PTH, str(dst), "--config", TINY_CFG, "--overwrite"], capsys)
+    assert rc == 0, err
+    assert not (dst / "keep.txt").exists()
+
+
+def test_load_pretrained_on_a_non_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="not a jax-adapter checkpoint"):
+        jax_adapter.load_pretrained(str(tmp_path))
