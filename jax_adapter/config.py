@@ -19,6 +19,9 @@ POS_RESIZE_MODES = (
     "bicubic_size_antialias",  # size-based bicubic with antialias: hub and HF register models
 )
 FFN_LAYERS = ("mlp", "swiglu")
+# Compute dtypes and parameter dtypes (names, so that configs stay JSON).
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+PARAM_DTYPES = ("float32", "bfloat16")
 
 # embed_dim, depth, num_heads, ffn_layer of the four DINOv2 variants.
 VARIANTS: Dict[str, Tuple[int, int, int, str]] = {
@@ -49,10 +52,15 @@ class DinoV2Config:
     layer_scale_init: float = 1.0
     pos_embed_resize: str = "bicubic_scale_offset"
     drop_path_rate: float = 0.0
+    # Compute dtype of matmuls and convolutions, and storage dtype of the parameters.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
 
     def __post_init__(self):
         _check_choice("ffn_layer", self.ffn_layer, FFN_LAYERS)
         _check_choice("pos_embed_resize", self.pos_embed_resize, POS_RESIZE_MODES)
+        _check_choice("dtype", self.dtype, COMPUTE_DTYPES)
+        _check_choice("param_dtype", self.param_dtype, PARAM_DTYPES)
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.pretrain_size % self.patch_size:
@@ -111,6 +119,11 @@ class AdapterConfig:
     pos_embed_resize: str = "bicubic_size"
     # JAX-side: which sampling-core implementation MSDeformAttn uses ("auto", "xla", "pallas").
     msda_impl: str = "auto"
+    # JAX-side: compute dtype (e.g. "bfloat16": matmuls and convolutions in bfloat16, while
+    # softmax, LayerNorm and BatchNorm statistics and the sampling core accumulate in float32)
+    # and parameter storage dtype.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
 
     def __post_init__(self):
         idx = tuple(tuple(int(i) for i in pair) for pair in self.interaction_indexes)
@@ -132,6 +145,8 @@ class AdapterConfig:
         _check_choice("ffn_layer", self.ffn_layer, FFN_LAYERS)
         _check_choice("pos_embed_resize", self.pos_embed_resize, POS_RESIZE_MODES)
         _check_choice("msda_impl", self.msda_impl, ("auto", "xla", "pallas"))
+        _check_choice("dtype", self.dtype, COMPUTE_DTYPES)
+        _check_choice("param_dtype", self.param_dtype, PARAM_DTYPES)
 
     def trunk_config(self) -> DinoV2Config:
         return DinoV2Config(
@@ -139,7 +154,7 @@ class AdapterConfig:
             mlp_ratio=self.mlp_ratio, patch_size=self.patch_size, pretrain_size=self.pretrain_size,
             num_register_tokens=self.num_register_tokens, ffn_layer=self.ffn_layer,
             layer_scale_init=self.layer_scale_init, pos_embed_resize=self.pos_embed_resize,
-            drop_path_rate=self.drop_path_rate,
+            drop_path_rate=self.drop_path_rate, dtype=self.dtype, param_dtype=self.param_dtype,
         )
 
     def replace(self, **changes) -> "AdapterConfig":
