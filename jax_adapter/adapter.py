@@ -40,19 +40,20 @@ class DinoAdapter(nnx.Module):
         add_trunk_parameters(self, cfg.trunk_config(), rngs=rngs)
         # The trunk's final LayerNorm: unused by the adapter's outputs, kept so that the
         # parameters round-trip with PyTorch checkpoints.
-        self.norm = layer_norm(d, rngs=rngs)
-        self.level_embed = nnx.Param(jax.random.normal(rngs.params(), (3, d)))
-        self.spm = SpatialPriorModule(cfg.conv_inplane, d, rngs=rngs)
+        self.norm = layer_norm(d, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        pd = jnp.dtype(cfg.param_dtype)
+        self.level_embed = nnx.Param(jax.random.normal(rngs.params(), (3, d)).astype(pd))
+        self.spm = SpatialPriorModule(cfg.conv_inplane, d, dtype=cfg.dtype, param_dtype=pd, rngs=rngs)
         n = len(cfg.interaction_indexes)
         self.interactions = nnx.List([
             InteractionBlock(cfg, extra_extractors=cfg.use_extra_extractor and i == n - 1, rngs=rngs)
             for i in range(n)
         ])
-        self.up = ConvTranspose2x2(d, d, rngs=rngs)
-        self.norm1 = BatchNorm2d(d)
-        self.norm2 = BatchNorm2d(d)
-        self.norm3 = BatchNorm2d(d)
-        self.norm4 = BatchNorm2d(d)
+        self.up = ConvTranspose2x2(d, d, param_dtype=pd, rngs=rngs)
+        self.norm1 = BatchNorm2d(d, param_dtype=pd)
+        self.norm2 = BatchNorm2d(d, param_dtype=pd)
+        self.norm3 = BatchNorm2d(d, param_dtype=pd)
+        self.norm4 = BatchNorm2d(d, param_dtype=pd)
 
     def geometry(self, height: int, width: int) -> AdapterGeometry:
         """The static geometry for ``height x width`` inputs (raises ``ValueError`` if too small)."""
@@ -63,7 +64,8 @@ class DinoAdapter(nnx.Module):
         b, h, w, _ = images.shape
         geom = self.geometry(h, w)
         d = self.cfg.embed_dim
-        x = pad_bottom_right(images, geom.padded)
+        # Everything downstream runs in the compute dtype (outputs included).
+        x = pad_bottom_right(images.astype(self.cfg.dtype), geom.padded)
 
         c1, c2, c3, c4 = self.spm(x, geom)
         level_embed = self.level_embed[...].astype(c2.dtype)

@@ -9,8 +9,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from jax_adapter import ops
+from jax_adapter.layers import DType, compute_dtype
+
+# Name of the device-mesh axis that splits the batch in data-parallel training.
+BATCH_AXIS = "data"
+
+
+def _batch_axis_in_context():
+    """``BATCH_AXIS`` when the mesh set with ``jax.set_mesh`` splits the batch over it, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or BATCH_AXIS not in mesh.axis_names or mesh.shape[BATCH_AXIS] == 1:
+        return None
+    return BATCH_AXIS
 
 
 def _offset_bias(n_heads: int, n_levels: int, n_points: int) -> np.ndarray:
@@ -29,11 +42,19 @@ class MSDeformAttn(nnx.Module):
     ``query [B, Q, D]`` attends to ``feat [B, S, D]`` (levels of ``spatial_shapes`` flattened
     row-major and concatenated) around ``reference_points [Q, 2]`` or ``[B, Q, 2]`` (x, y in
     [0, 1], shared by all levels) -> ``[B, Q, D]``.
+
+    With a compute ``dtype`` below float32, the value and attention-logit projections run in
+    it, while the sampling locations (reference + offset / level size) stay float32: a bfloat16
+    location would be off by up to half a pixel on the larger levels. Under a mesh whose
+    ``BATCH_AXIS`` splits the batch, the sampling core runs per device on its local batch
+    (``jax.shard_map``): it is a gather over data-dependent rows, which the SPMD partitioner
+    would otherwise answer by gathering the whole batch onto every device.
     """
 
     def __init__(
         self, d_model: int, n_levels: int, n_heads: int, n_points: int, ratio: float = 1.0,
-        *, impl: str = "auto", rngs: nnx.Rngs,
+        *, impl: str = "auto", rngs: nnx.Rngs, dtype: DType = None,
+        param_dtype: DType = jnp.float32,
     ):
         dv = int(d_model * ratio)
         if dv % n_heads:
@@ -41,16 +62,21 @@ class MSDeformAttn(nnx.Module):
         self.n_levels, self.n_heads, self.n_points = n_levels, n_heads, n_points
         self.impl = impl
         zeros = nnx.initializers.zeros
+        dt = dict(dtype=compute_dtype(dtype), param_dtype=jnp.dtype(param_dtype))
+        # Offsets are computed in float32 whatever the compute dtype (see the class docstring);
+        # the projection is small (M*L*P*2 outputs).
         self.sampling_offsets = nnx.Linear(
             d_model, n_heads * n_levels * n_points * 2, kernel_init=zeros,
-            bias_init=lambda *_: jnp.asarray(_offset_bias(n_heads, n_levels, n_points)), rngs=rngs,
+            bias_init=lambda *_: jnp.asarray(_offset_bias(n_heads, n_levels, n_points)),
+            dtype=jnp.float32 if dt["dtype"] is not None else None,
+            param_dtype=dt["param_dtype"], rngs=rngs,
         )
         self.attention_weights = nnx.Linear(
-            d_model, n_heads * n_levels * n_points, kernel_init=zeros, rngs=rngs
+            d_model, n_heads * n_levels * n_points, kernel_init=zeros, rngs=rngs, **dt
         )
         xavier = nnx.initializers.xavier_uniform()
-        self.value_proj = nnx.Linear(d_model, dv, kernel_init=xavier, rngs=rngs)
-        self.output_proj = nnx.Linear(dv, d_model, kernel_init=xavier, rngs=rngs)
+        self.value_proj = nnx.Linear(d_model, dv, kernel_init=xavier, rngs=rngs, **dt)
+        self.output_proj = nnx.Linear(dv, d_model, kernel_init=xavier, rngs=rngs, **dt)
 
     def __call__(
         self,
@@ -67,6 +93,17 @@ class MSDeformAttn(nnx.Module):
         value = value.reshape(b, feat.shape[1], m, -1)
         offsets = self.sampling_offsets(query).reshape(b, q, m, l, p, 2)
         logits = self.attention_weights(query).reshape(b, q, m, l * p)
-        ref = jnp.broadcast_to(jnp.asarray(reference_points, offsets.dtype), (b, q, 2))
-        out = ops.ms_deform_attn_fused(value, spatial_shapes, ref, offsets, logits, impl=self.impl)
+        loc_dtype = jnp.promote_types(offsets.dtype, jnp.float32)
+        offsets = offsets.astype(loc_dtype)
+        ref = jnp.broadcast_to(jnp.asarray(reference_points, loc_dtype), (b, q, 2))
+
+        def core(value, ref, offsets, logits):
+            return ops.ms_deform_attn_fused(value, spatial_shapes, ref, offsets, logits, impl=self.impl)
+
+        axis = _batch_axis_in_context()
+        if axis is not None:
+            # Every argument and the result are batch-major: split them all along axis 0.
+            core = jax.shard_map(core, in_specs=PartitionSpec(axis), out_specs=PartitionSpec(axis),
+                                 check_vma=False)
+        out = core(value, ref, offsets, logits)
         return self.output_proj(out)

@@ -13,17 +13,18 @@ from flax import nnx
 
 from jax_adapter.config import DinoV2Config
 from jax_adapter.images import check_images
-from jax_adapter.layers import drop_path, gelu, layer_norm, linear
+from jax_adapter.layers import DType, compute_dtype, drop_path, gelu, layer_norm, linear
 from jax_adapter.resize import resize_pos_embed
 
 
 class Attention(nnx.Module):
     """Multi-head self-attention with a fused ``qkv`` projection; ``[B, N, D] -> [B, N, D]``."""
 
-    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs):
+    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: DType = None,
+                 param_dtype: DType = jnp.float32):
         self.num_heads = num_heads
-        self.qkv = linear(dim, 3 * dim, rngs=rngs)
-        self.proj = linear(dim, dim, rngs=rngs)
+        self.qkv = linear(dim, 3 * dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.proj = linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
@@ -44,9 +45,10 @@ def _attention_f32_softmax(q, k, v):
 
 
 class Mlp(nnx.Module):
-    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
-        self.fc1 = linear(dim, hidden, rngs=rngs)
-        self.fc2 = linear(hidden, dim, rngs=rngs)
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: DType = None,
+                 param_dtype: DType = jnp.float32):
+        self.fc1 = linear(dim, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc2 = linear(hidden, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(gelu(self.fc1(x)))
@@ -55,9 +57,10 @@ class Mlp(nnx.Module):
 class SwiGLU(nnx.Module):
     """DINOv2's fused SwiGLU FFN (ViT-g): ``w12`` -> (a, b), ``silu(a) * b``, ``w3``."""
 
-    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
-        self.w12 = linear(dim, 2 * hidden, rngs=rngs)
-        self.w3 = linear(hidden, dim, rngs=rngs)
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: DType = None,
+                 param_dtype: DType = jnp.float32):
+        self.w12 = linear(dim, 2 * hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.w3 = linear(hidden, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         a, b = jnp.split(self.w12(x), 2, axis=-1)
@@ -65,8 +68,8 @@ class SwiGLU(nnx.Module):
 
 
 class LayerScale(nnx.Module):
-    def __init__(self, dim: int, init: float):
-        self.gamma = nnx.Param(jnp.full((dim,), init, jnp.float32))
+    def __init__(self, dim: int, init: float, param_dtype: DType = jnp.float32):
+        self.gamma = nnx.Param(jnp.full((dim,), init, param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return x * self.gamma[...].astype(x.dtype)
@@ -77,13 +80,14 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: DinoV2Config, drop_path_rate: float, *, rngs: nnx.Rngs):
         d = cfg.embed_dim
-        self.norm1 = layer_norm(d, rngs=rngs)
-        self.attn = Attention(d, cfg.num_heads, rngs=rngs)
-        self.ls1 = LayerScale(d, cfg.layer_scale_init)
-        self.norm2 = layer_norm(d, rngs=rngs)
+        dt = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.norm1 = layer_norm(d, rngs=rngs, **dt)
+        self.attn = Attention(d, cfg.num_heads, rngs=rngs, **dt)
+        self.ls1 = LayerScale(d, cfg.layer_scale_init, cfg.param_dtype)
+        self.norm2 = layer_norm(d, rngs=rngs, **dt)
         ffn = SwiGLU if cfg.ffn_layer == "swiglu" else Mlp
-        self.mlp = ffn(d, cfg.ffn_hidden, rngs=rngs)
-        self.ls2 = LayerScale(d, cfg.layer_scale_init)
+        self.mlp = ffn(d, cfg.ffn_hidden, rngs=rngs, **dt)
+        self.ls2 = LayerScale(d, cfg.layer_scale_init, cfg.param_dtype)
         self.drop_path = drop_path(drop_path_rate, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -94,10 +98,12 @@ class Block(nnx.Module):
 class PatchEmbed(nnx.Module):
     """Non-overlapping ``p x p`` patches: ``[B, H, W, 3] -> [B, H/p, W/p, D]``."""
 
-    def __init__(self, patch: int, dim: int, *, rngs: nnx.Rngs):
+    def __init__(self, patch: int, dim: int, *, rngs: nnx.Rngs, dtype: DType = None,
+                 param_dtype: DType = jnp.float32):
         self.proj = nnx.Conv(
             3, dim, (patch, patch), strides=patch, padding="VALID",
-            kernel_init=nnx.initializers.lecun_normal(), rngs=rngs,
+            kernel_init=nnx.initializers.lecun_normal(), dtype=compute_dtype(dtype),
+            param_dtype=jnp.dtype(param_dtype), rngs=rngs,
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -111,14 +117,15 @@ def add_trunk_parameters(module: nnx.Module, cfg: DinoV2Config, *, rngs: nnx.Rng
     ``pos_embed``, ``register_tokens``, ``patch_embed.proj``, ``blocks.N``), as in PyTorch.
     """
     d, m = cfg.embed_dim, cfg.pretrain_grid
-    module.patch_embed = PatchEmbed(cfg.patch_size, d, rngs=rngs)
-    module.cls_token = nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, 1, d)))
+    pd = jnp.dtype(cfg.param_dtype)
+    module.patch_embed = PatchEmbed(cfg.patch_size, d, dtype=cfg.dtype, param_dtype=pd, rngs=rngs)
+    module.cls_token = nnx.Param((1e-6 * jax.random.normal(rngs.params(), (1, 1, d))).astype(pd))
     module.pos_embed = nnx.Param(
-        0.02 * jax.random.truncated_normal(rngs.params(), -2, 2, (1, 1 + m * m, d))
+        (0.02 * jax.random.truncated_normal(rngs.params(), -2, 2, (1, 1 + m * m, d))).astype(pd)
     )
     if cfg.num_register_tokens:
         module.register_tokens = nnx.Param(
-            1e-6 * jax.random.normal(rngs.params(), (1, cfg.num_register_tokens, d))
+            (1e-6 * jax.random.normal(rngs.params(), (1, cfg.num_register_tokens, d))).astype(pd)
         )
     rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
     module.blocks = nnx.List([Block(cfg, r, rngs=rngs) for r in rates])
@@ -135,11 +142,14 @@ def embed_tokens(module: nnx.Module, cfg: DinoV2Config, images: jax.Array):
     d = cfg.embed_dim
     x = module.patch_embed(images)
     grid = (x.shape[1], x.shape[2])
+    # The position grid is resized in float32 at least, then cast to the compute dtype.
     pos = module.pos_embed[...]
+    pos = pos.astype(jnp.promote_types(pos.dtype, jnp.float32))
     x = x.reshape(b, -1, d) + resize_pos_embed(pos[:, 1:], grid, cfg.pos_embed_resize).astype(x.dtype)
     prefix = [jnp.broadcast_to(module.cls_token[...] + pos[:, :1], (b, 1, d))]
     if cfg.num_register_tokens:
-        prefix.append(jnp.broadcast_to(module.register_tokens[...], (b, cfg.num_register_tokens, d)))
+        regs = module.register_tokens[...].astype(pos.dtype)
+        prefix.append(jnp.broadcast_to(regs, (b, cfg.num_register_tokens, d)))
     return jnp.concatenate(prefix, axis=1).astype(x.dtype), x, grid
 
 
@@ -157,7 +167,7 @@ class DinoV2(nnx.Module):
     def __init__(self, cfg: DinoV2Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
         add_trunk_parameters(self, cfg, rngs=rngs)
-        self.norm = layer_norm(cfg.embed_dim, rngs=rngs)
+        self.norm = layer_norm(cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
     def __call__(self, images: jax.Array) -> DinoV2Output:
         """``images [B, H, W, 3]``, ``H`` and ``W`` multiples of the patch size."""
@@ -166,6 +176,7 @@ class DinoV2(nnx.Module):
         p = self.cfg.patch_size
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+        images = images.astype(self.cfg.dtype)
         prefix, x, _ = embed_tokens(self, self.cfg, images)
         x = jnp.concatenate([prefix, x], axis=1)
         for blk in self.blocks:

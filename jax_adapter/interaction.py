@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Any, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,22 @@ from flax import nnx
 from jax_adapter.config import AdapterConfig
 from jax_adapter.deform_attn import MSDeformAttn
 from jax_adapter.geometry import AdapterGeometry
-from jax_adapter.layers import conv, drop_path, gelu, layer_norm, linear
+from jax_adapter.layers import DType, conv, drop_path, gelu, layer_norm, linear
+
+
+def run(module: nnx.Module, *args: jax.Array, remat: bool = False, **static: Any):
+    """``module(*args, **static)``, under activation checkpointing (``nnx.remat``) if ``remat``.
+
+    ``args`` are arrays; ``static`` (the geometry) is closed over. The module is an argument of
+    the checkpointed function, so its parameter paths are those of the plain call.
+    """
+    if not remat:
+        return module(*args, **static)
+    return nnx.remat(lambda m, *a: m(*a, **static))(module, *args)
+
+
+def _dtypes(cfg: AdapterConfig) -> dict:
+    return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
 
 class DWConv(nnx.Module):
@@ -21,8 +36,10 @@ class DWConv(nnx.Module):
     ``n // 21`` and assumes sizes ``h//8, h//16, h//32``; here the split comes from the geometry.
     """
 
-    def __init__(self, dim: int, *, rngs: nnx.Rngs):
-        self.dwconv = conv(dim, dim, 3, padding=1, groups=dim, rngs=rngs)
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype: DType = None,
+                 param_dtype: DType = "float32"):
+        self.dwconv = conv(dim, dim, 3, padding=1, groups=dim, dtype=dtype,
+                           param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, geom: AdapterGeometry) -> jax.Array:
         b, _, c = x.shape
@@ -36,10 +53,12 @@ class DWConv(nnx.Module):
 class ConvFFN(nnx.Module):
     """``fc1 -> per-level depthwise conv -> GELU -> fc2`` on SPM tokens ``[B, Nc, D]``."""
 
-    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
-        self.fc1 = linear(dim, hidden, rngs=rngs)
-        self.dwconv = DWConv(hidden, rngs=rngs)
-        self.fc2 = linear(hidden, dim, rngs=rngs)
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: DType = None,
+                 param_dtype: DType = "float32"):
+        dt = dict(dtype=dtype, param_dtype=param_dtype)
+        self.fc1 = linear(dim, hidden, rngs=rngs, **dt)
+        self.dwconv = DWConv(hidden, rngs=rngs, **dt)
+        self.fc2 = linear(hidden, dim, rngs=rngs, **dt)
 
     def __call__(self, x: jax.Array, geom: AdapterGeometry) -> jax.Array:
         return self.fc2(gelu(self.dwconv(self.fc1(x), geom)))
@@ -53,11 +72,11 @@ class Injector(nnx.Module):
 
     def __init__(self, cfg: AdapterConfig, *, rngs: nnx.Rngs):
         d = cfg.embed_dim
-        self.query_norm = layer_norm(d, rngs=rngs)
-        self.feat_norm = layer_norm(d, rngs=rngs)
+        self.query_norm = layer_norm(d, rngs=rngs, **_dtypes(cfg))
+        self.feat_norm = layer_norm(d, rngs=rngs, **_dtypes(cfg))
         self.attn = MSDeformAttn(d, 3, cfg.deform_num_heads, cfg.n_points, cfg.deform_ratio,
-                                 impl=cfg.msda_impl, rngs=rngs)
-        self.gamma = nnx.Param(jnp.full((d,), cfg.init_values, jnp.float32))
+                                 impl=cfg.msda_impl, rngs=rngs, **_dtypes(cfg))
+        self.gamma = nnx.Param(jnp.full((d,), cfg.init_values, cfg.param_dtype))
 
     def __call__(self, x: jax.Array, c: jax.Array, geom: AdapterGeometry) -> jax.Array:
         attn = self.attn(self.query_norm(x), geom.injector_reference_points, self.feat_norm(c),
@@ -73,14 +92,14 @@ class Extractor(nnx.Module):
 
     def __init__(self, cfg: AdapterConfig, *, rngs: nnx.Rngs):
         d = cfg.embed_dim
-        self.query_norm = layer_norm(d, rngs=rngs)
-        self.feat_norm = layer_norm(d, rngs=rngs)
+        self.query_norm = layer_norm(d, rngs=rngs, **_dtypes(cfg))
+        self.feat_norm = layer_norm(d, rngs=rngs, **_dtypes(cfg))
         self.attn = MSDeformAttn(d, 1, cfg.deform_num_heads, cfg.n_points, cfg.deform_ratio,
-                                 impl=cfg.msda_impl, rngs=rngs)
+                                 impl=cfg.msda_impl, rngs=rngs, **_dtypes(cfg))
         self.with_cffn = cfg.with_cffn
         if cfg.with_cffn:
-            self.ffn = ConvFFN(d, int(d * cfg.cffn_ratio), rngs=rngs)
-            self.ffn_norm = layer_norm(d, rngs=rngs)
+            self.ffn = ConvFFN(d, int(d * cfg.cffn_ratio), rngs=rngs, **_dtypes(cfg))
+            self.ffn_norm = layer_norm(d, rngs=rngs, **_dtypes(cfg))
             self.drop_path = drop_path(cfg.drop_path_rate, rngs=rngs)
 
     def __call__(self, c: jax.Array, x: jax.Array, geom: AdapterGeometry) -> jax.Array:
@@ -95,10 +114,12 @@ class InteractionBlock(nnx.Module):
     """Injector, a run of ViT blocks over ``[prefix, x]``, extractor(s).
 
     ``prefix [B, 1+R, D]`` holds cls then register tokens; they join the patch tokens for the
-    ViT blocks only. Returns the updated ``(x, c, prefix)``.
+    ViT blocks only. Returns the updated ``(x, c, prefix)``. With ``cfg.with_cp`` the injector,
+    each ViT block and each extractor are checkpointed (recomputed in the backward pass).
     """
 
     def __init__(self, cfg: AdapterConfig, extra_extractors: bool, *, rngs: nnx.Rngs):
+        self.with_cp = cfg.with_cp
         self.injector = Injector(cfg, rngs=rngs)
         self.extractor = Extractor(cfg, rngs=rngs)
         self.extra_extractors = (
@@ -109,14 +130,15 @@ class InteractionBlock(nnx.Module):
         self, x: jax.Array, c: jax.Array, prefix: jax.Array, blocks: Sequence[nnx.Module],
         geom: AdapterGeometry,
     ) -> Tuple[jax.Array, jax.Array, jax.Array]:
-        x = self.injector(x, c, geom)
+        cp = self.with_cp
+        x = run(self.injector, x, c, remat=cp, geom=geom)
         n_prefix = prefix.shape[1]
         t = jnp.concatenate([prefix, x], axis=1)
         for blk in blocks:
-            t = blk(t)
+            t = run(blk, t, remat=cp)
         prefix, x = t[:, :n_prefix], t[:, n_prefix:]
-        c = self.extractor(c, x, geom)
+        c = run(self.extractor, c, x, remat=cp, geom=geom)
         if self.extra_extractors is not None:
             for ext in self.extra_extractors:
-                c = ext(c, x, geom)
+                c = run(ext, c, x, remat=cp, geom=geom)
         return x, c, prefix

@@ -6,11 +6,26 @@ the PyTorch ``state_dict`` so that checkpoint conversion is a table (see ``conve
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+# A dtype or its name ("float32", "bfloat16"); ``None`` means "infer from the inputs".
+DType = Any
+
+
+def as_dtype(dtype: Optional[DType]):
+    """``jnp.dtype`` of a name or dtype; ``None`` stays ``None``."""
+    return None if dtype is None else jnp.dtype(dtype)
+
+
+def compute_dtype(dtype: Optional[DType]):
+    """The ``dtype`` argument for Flax layers: ``None`` for float32, so that the float32 model
+    runs exactly the operations it always ran; otherwise the compute dtype."""
+    d = as_dtype(dtype)
+    return None if d is None or d == jnp.float32 else d
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -18,26 +33,37 @@ def gelu(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=False)
 
 
-def layer_norm(dim: int, *, rngs: nnx.Rngs, eps: float = 1e-6) -> nnx.LayerNorm:
-    # Two-pass variance, as PyTorch computes it.
-    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
+def layer_norm(
+    dim: int, *, rngs: nnx.Rngs, eps: float = 1e-6, dtype: Optional[DType] = None,
+    param_dtype: DType = jnp.float32,
+) -> nnx.LayerNorm:
+    # Two-pass variance, as PyTorch computes it. Flax computes the statistics in float32 at
+    # least whatever ``dtype`` is, so bfloat16 compute keeps float32 statistics.
+    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, dtype=compute_dtype(dtype),
+                         param_dtype=as_dtype(param_dtype), rngs=rngs)
 
 
-def linear(din: int, dout: int, *, rngs: nnx.Rngs, std: float = 0.02) -> nnx.Linear:
+def linear(
+    din: int, dout: int, *, rngs: nnx.Rngs, std: float = 0.02, dtype: Optional[DType] = None,
+    param_dtype: DType = jnp.float32,
+) -> nnx.Linear:
     """Linear layer with the ViT init (truncated normal, std 0.02, zero bias)."""
-    return nnx.Linear(din, dout, kernel_init=nnx.initializers.truncated_normal(std), rngs=rngs)
+    return nnx.Linear(din, dout, kernel_init=nnx.initializers.truncated_normal(std),
+                      dtype=compute_dtype(dtype), param_dtype=as_dtype(param_dtype), rngs=rngs)
 
 
 def conv(
     din: int, dout: int, kernel: int, *, stride: int = 1, padding: int = 0, groups: int = 1,
-    bias: bool = True, rngs: nnx.Rngs,
+    bias: bool = True, rngs: nnx.Rngs, dtype: Optional[DType] = None,
+    param_dtype: DType = jnp.float32,
 ) -> nnx.Conv:
     """NHWC conv with PyTorch's symmetric integer padding and a fan-out normal init."""
     fan_out = kernel * kernel * dout // groups
     return nnx.Conv(
         din, dout, (kernel, kernel), strides=stride, padding=((padding, padding), (padding, padding)),
         feature_group_count=groups, use_bias=bias,
-        kernel_init=nnx.initializers.normal((2.0 / fan_out) ** 0.5), rngs=rngs,
+        kernel_init=nnx.initializers.normal((2.0 / fan_out) ** 0.5), dtype=compute_dtype(dtype),
+        param_dtype=as_dtype(param_dtype), rngs=rngs,
     )
 
 
@@ -71,9 +97,10 @@ class BatchNorm2d(nnx.Module):
     """
 
     def __init__(self, dim: int, *, eps: float = 1e-5, momentum: float = 0.1,
-                 use_running_average: bool = True):
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+                 use_running_average: bool = True, param_dtype: DType = jnp.float32):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+        # Running statistics stay float32 whatever the parameter dtype.
         self.mean = nnx.BatchStat(jnp.zeros((dim,), jnp.float32))
         self.var = nnx.BatchStat(jnp.ones((dim,), jnp.float32))
         self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
@@ -82,7 +109,8 @@ class BatchNorm2d(nnx.Module):
         self.use_running_average = use_running_average
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """``x [B, H, W, C] -> [B, H, W, C]``."""
+        """``x [B, H, W, C] -> [B, H, W, C]``; statistics and normalisation in float32 at least,
+        the result in ``x.dtype``."""
         xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         if self.use_running_average:
             mean, var = self.mean[...], self.var[...]
@@ -96,7 +124,8 @@ class BatchNorm2d(nnx.Module):
             self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
             self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
             self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        scale = self.scale[...].astype(xf.dtype)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * scale + self.bias[...].astype(xf.dtype)
         return y.astype(x.dtype)
 
 
@@ -108,10 +137,11 @@ class ConvTranspose2x2(nnx.Module):
     dout, 2, 2]``).
     """
 
-    def __init__(self, din: int, dout: int, *, rngs: nnx.Rngs):
+    def __init__(self, din: int, dout: int, *, rngs: nnx.Rngs, param_dtype: DType = jnp.float32):
         std = (2.0 / (4 * dout)) ** 0.5
-        self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), (2, 2, din, dout), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((dout,), jnp.float32))
+        kernel = std * jax.random.normal(rngs.params(), (2, 2, din, dout), jnp.float32)
+        self.kernel = nnx.Param(kernel.astype(param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dout,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, _ = x.shape

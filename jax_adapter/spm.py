@@ -12,29 +12,32 @@ import jax
 from flax import nnx
 
 from jax_adapter.geometry import AdapterGeometry
-from jax_adapter.layers import BatchNorm2d, MaxPool3x3s2, ReLU, conv, run_sequential
+from jax_adapter.layers import DType, BatchNorm2d, MaxPool3x3s2, ReLU, conv, run_sequential
 
 
-def _conv_bn_relu(din: int, dout: int, stride: int, *, rngs: nnx.Rngs):
-    return [conv(din, dout, 3, stride=stride, padding=1, bias=False, rngs=rngs), BatchNorm2d(dout), ReLU()]
+def _conv_bn_relu(din: int, dout: int, stride: int, *, rngs: nnx.Rngs, **dt):
+    return [conv(din, dout, 3, stride=stride, padding=1, bias=False, rngs=rngs, **dt),
+            BatchNorm2d(dout, param_dtype=dt["param_dtype"]), ReLU()]
 
 
 class SpatialPriorModule(nnx.Module):
     """``images [B, Hp, Wp, 3]`` -> ``c1 [B, *c1, D]`` map and ``c2, c3, c4`` token sequences."""
 
-    def __init__(self, inplanes: int, embed_dim: int, *, rngs: nnx.Rngs):
+    def __init__(self, inplanes: int, embed_dim: int, *, rngs: nnx.Rngs, dtype: DType = None,
+                 param_dtype: DType = "float32"):
         c = inplanes
+        dt = dict(dtype=dtype, param_dtype=param_dtype)
         self.stem = nnx.List(
-            _conv_bn_relu(3, c, 2, rngs=rngs) + _conv_bn_relu(c, c, 1, rngs=rngs)
-            + _conv_bn_relu(c, c, 1, rngs=rngs) + [MaxPool3x3s2()]
+            _conv_bn_relu(3, c, 2, rngs=rngs, **dt) + _conv_bn_relu(c, c, 1, rngs=rngs, **dt)
+            + _conv_bn_relu(c, c, 1, rngs=rngs, **dt) + [MaxPool3x3s2()]
         )
-        self.conv2 = nnx.List(_conv_bn_relu(c, 2 * c, 2, rngs=rngs))
-        self.conv3 = nnx.List(_conv_bn_relu(2 * c, 4 * c, 2, rngs=rngs))
-        self.conv4 = nnx.List(_conv_bn_relu(4 * c, 4 * c, 2, rngs=rngs))
-        self.fc1 = conv(c, embed_dim, 1, rngs=rngs)
-        self.fc2 = conv(2 * c, embed_dim, 1, rngs=rngs)
-        self.fc3 = conv(4 * c, embed_dim, 1, rngs=rngs)
-        self.fc4 = conv(4 * c, embed_dim, 1, rngs=rngs)
+        self.conv2 = nnx.List(_conv_bn_relu(c, 2 * c, 2, rngs=rngs, **dt))
+        self.conv3 = nnx.List(_conv_bn_relu(2 * c, 4 * c, 2, rngs=rngs, **dt))
+        self.conv4 = nnx.List(_conv_bn_relu(4 * c, 4 * c, 2, rngs=rngs, **dt))
+        self.fc1 = conv(c, embed_dim, 1, rngs=rngs, **dt)
+        self.fc2 = conv(2 * c, embed_dim, 1, rngs=rngs, **dt)
+        self.fc3 = conv(4 * c, embed_dim, 1, rngs=rngs, **dt)
+        self.fc4 = conv(4 * c, embed_dim, 1, rngs=rngs, **dt)
 
     def __call__(self, x: jax.Array, geom: AdapterGeometry) -> Tuple[jax.Array, ...]:
         c1 = run_sequential(self.stem, x)
