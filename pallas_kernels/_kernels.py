@@ -1,0 +1,245 @@
+"""The three Pallas kernels of the sampling core, generic over where locations and weights come from.
+
+A *source* (see :class:`Source`) turns its input refs into per-level, per-point locations and
+attention weights for a block of queries (or one query), and writes the gradients of its inputs
+back. The plain entry point reads them from memory; the fused one forms them from reference
+points, raw offsets and logits.
+
+Grid of every kernel: ``(B, M, ceil(Q / block))``; one program owns one batch item, one head and
+a block of queries, and reads ``value[b, :, m, :]`` by computed rows.
+
+* forward: ``[block, C]`` tiles, four gathers per level and point, float32 (or wider) accumulation.
+* location/weight gradients: the same gathers, dotted with the cotangent; no atomics (every
+  location and weight belongs to exactly one program).
+* value gradient: a scatter. The program walks its queries one at a time, with scalar rows, and
+  adds each corner's contribution to ``(row, channel slice)`` with one atomic add: exact on GPU
+  and in the interpreter alike (a vector atomic whose lanes repeat an address loses updates in
+  the interpreter, and many queries do hit the same pixels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, List, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+from jax.sharding import PartitionSpec
+
+from pallas_kernels._common import (
+    Config, Dims, Shapes, compiler_params, compute_dtype, corners, load, query_block, store,
+)
+
+Grid = List[List[jax.Array]]  # [level][point] -> [n] (or scalars)
+
+
+@dataclasses.dataclass
+class Samples:
+    """Locations ``x, y`` (normalised) and attention weights ``a`` as ``[level][point] -> [n]``."""
+
+    x: Grid
+    y: Grid
+    a: Grid
+
+
+class Source(Protocol):
+    """Where locations and weights come from. Its inputs all start with ``[B, Q]`` and reach the
+    kernels as ``[B*Q, rest]`` views; ``rows`` addresses queries in them (a ``pl.ds`` block giving
+    ``[n]`` results, or one scalar row giving scalars) and ``ok`` marks the queries that exist."""
+
+    n_in: int
+
+    def dims(self, value: jax.Array, inputs: Sequence[jax.Array], shapes: Shapes) -> Dims:
+        """Static sizes of a call (from the local shapes under ``shard_map``)."""
+
+    def grad_shapes(self, inputs: Sequence[jax.Array], d: Dims, cdt) -> tuple:
+        """Shapes ``[B, Q, ...]`` and dtypes of the gradients ``write_grads`` produces."""
+
+    def samples(self, refs: Sequence, m, rows: Any, ok: jax.Array, d: Dims, cdt) -> Samples:
+        """Locations and weights of head ``m`` for the queries at ``rows``."""
+
+    def write_grads(self, refs: Sequence, m, rows: Any, ok: jax.Array, smp: Samples,
+                    gx: Grid, gy: Grid, ga: Grid, d: Dims) -> None:
+        """Store the input gradients of the queries at ``rows`` (a block) given those of the
+        locations and of the weights."""
+
+
+def _grid(d: Dims, block: int):
+    return (d.b, d.m, pl.cdiv(d.q, block))
+
+
+def _flat(x: jax.Array) -> jax.Array:
+    """``[B, Q or S, ...]`` -> ``[B*(Q or S), rest]`` (a free row-major reshape)."""
+    return x.reshape(x.shape[0] * x.shape[1], -1)
+
+
+def _channels(d: Dims):
+    """Channel lanes ``[1, C]`` clamped to a real channel, and the real-channel mask."""
+    col = lax.broadcasted_iota(jnp.int32, (1, d.c), 1)
+    return jnp.minimum(col, d.dh - 1), col < d.dh
+
+
+def _gather(v_ref, b, m, rows: jax.Array, ok: jax.Array, cc: jax.Array, cok: jax.Array, d: Dims, cdt):
+    """``value[b, rows, m, :]`` as ``[n, C]`` from the ``[B*S, M*Dh]`` view; ``rows`` already
+    clamped into their level, rows off the map and padded channels read 0."""
+    return load(v_ref.at[b * d.s + rows[:, None], m * d.dh + cc], ok[:, None] & cok, cdt)
+
+
+def _forward_kernel(v_ref, *refs, src: Source, d: Dims, block: int, cdt):
+    *in_refs, o_ref = refs
+    b, m = pl.program_id(0), pl.program_id(1)
+    rows, qok = query_block(block, d)
+    smp = src.samples(in_refs, m, rows, qok, d, cdt)
+    cc, cok = _channels(d)
+    acc = jnp.zeros((block, d.c), cdt)
+    for l, (h, w) in enumerate(d.shapes):
+        for p in range(d.p):
+            cn = corners(smp.x[l][p], smp.y[l][p], h, w, d.starts[l])
+            for i in range(2):
+                for j in range(2):
+                    v = _gather(v_ref, b, m, cn.rows[i][j], cn.ok[i][j], cc, cok, d, cdt)
+                    acc = acc + (cn.weight(i, j) * smp.a[l][p])[:, None] * v
+    store(o_ref.at[rows, pl.ds(m * d.dh, d.c)], acc, qok[:, None] & cok)
+
+
+def forward(src: Source, shapes: Shapes, value: jax.Array, inputs: Sequence[jax.Array],
+            cfg: Config) -> jax.Array:
+    """``value [B, S, M, Dh]`` + source inputs -> ``[B, Q, M*Dh]`` in ``value.dtype``."""
+
+    def call(value, *inputs):
+        d, cdt = src.dims(value, inputs, shapes), compute_dtype(value)
+        kernel = functools.partial(_forward_kernel, src=src, d=d, block=cfg.block_q, cdt=cdt)
+        out = pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct((d.b * d.q, d.m * d.dh), value.dtype),
+            grid=_grid(d, cfg.block_q),
+            interpret=cfg.interpret,
+            compiler_params=compiler_params(cfg),
+            name="msda_forward",
+        )(_flat(value), *map(_flat, inputs))
+        return out.reshape(d.b, d.q, d.m * d.dh)
+
+    return _batch_sharded(call, cfg)(value, *inputs)
+
+
+def _grad_inputs_kernel(v_ref, g_ref, *refs, src: Source, d: Dims, block: int, cdt):
+    in_refs, out_refs = refs[:src.n_in], refs[src.n_in:]
+    b, m = pl.program_id(0), pl.program_id(1)
+    rows, qok = query_block(block, d)
+    smp = src.samples(in_refs, m, rows, qok, d, cdt)
+    cc, cok = _channels(d)
+    go = load(g_ref.at[rows, pl.ds(m * d.dh, d.c)], qok[:, None] & cok, cdt)  # [block, C]
+    gx, gy, ga = [], [], []
+    for l, (h, w) in enumerate(d.shapes):
+        gx.append([]), gy.append([]), ga.append([])
+        for p in range(d.p):
+            cn = corners(smp.x[l][p], smp.y[l][p], h, w, d.starts[l])
+            # dot[i][j]: <cotangent, value at corner (i, j)>, zero for corners off the map.
+            dot = [[None, None], [None, None]]
+            for i in range(2):
+                for j in range(2):
+                    v = _gather(v_ref, b, m, cn.rows[i][j], cn.ok[i][j], cc, cok, d, cdt)
+                    dot[i][j] = jnp.sum(go * v, axis=1)
+            a = smp.a[l][p]
+            ga[l].append(sum(cn.weight(i, j) * dot[i][j] for i in range(2) for j in range(2)))
+            # d sample / d px = sum_i wy_i (v_i1 - v_i0); d px / d x = W (likewise for y).
+            gpx = cn.wy[0] * (dot[0][1] - dot[0][0]) + cn.wy[1] * (dot[1][1] - dot[1][0])
+            gpy = cn.wx[0] * (dot[1][0] - dot[0][0]) + cn.wx[1] * (dot[1][1] - dot[0][1])
+            gx[l].append(a * (gpx * w))
+            gy[l].append(a * (gpy * h))
+    src.write_grads(out_refs, m, rows, qok, smp, gx, gy, ga, d)
+
+
+def grad_inputs(src: Source, shapes: Shapes, value: jax.Array, g: jax.Array,
+                inputs: Sequence[jax.Array], cfg: Config) -> tuple:
+    """Gradients of the source inputs (see ``src.grad_shapes``) for cotangent ``g [B, Q, M*Dh]``."""
+
+    def call(value, g, *inputs):
+        d, cdt = src.dims(value, inputs, shapes), compute_dtype(value)
+        kernel = functools.partial(_grad_inputs_kernel, src=src, d=d, block=cfg.block_q, cdt=cdt)
+        full = src.grad_shapes(inputs, d, cdt)
+        outs = pl.pallas_call(
+            kernel,
+            out_shape=tuple(jax.ShapeDtypeStruct((d.b * d.q, math.prod(s.shape[2:])), s.dtype) for s in full),
+            grid=_grid(d, cfg.block_q),
+            interpret=cfg.interpret,
+            compiler_params=compiler_params(cfg),
+            name="msda_grad_inputs",
+        )(_flat(value), _flat(g), *map(_flat, inputs))
+        return tuple(o.reshape(s.shape) for o, s in zip(outs, full))
+
+    return _batch_sharded(call, cfg)(value, g, *inputs)
+
+
+def _grad_value_kernel(g_ref, *refs, src: Source, d: Dims, block: int, cdt, masked: bool):
+    in_refs, gv_ref = refs[:src.n_in], refs[-1]  # refs[-2] is the zero buffer gv_ref aliases
+    b, m = pl.program_id(0), pl.program_id(1)
+    first = pl.program_id(2) * block
+    chan = lax.broadcasted_iota(jnp.int32, (d.c,), 0) < d.dh
+
+    def one_query(t, carry):
+        q = first + t
+        ok = q < d.q
+        row = b * d.q + q
+        smp = src.samples(in_refs, m, row, ok, d, cdt)  # scalars
+        go = load(g_ref.at[row, pl.ds(m * d.dh, d.c)], ok & chan, cdt)  # [C]
+        for l, (h, w) in enumerate(d.shapes):
+            for p in range(d.p):
+                cn = corners(smp.x[l][p], smp.y[l][p], h, w, d.starts[l])
+                for i in range(2):
+                    for j in range(2):
+                        wgt = jnp.where(ok, cn.weight(i, j) * smp.a[l][p], 0.0)
+                        # The row is clamped into its level and the lanes span this head's padded
+                        # channels: every address is in bounds, none repeats.
+                        mask = jnp.broadcast_to(cn.ok[i][j] & ok, (d.c,)) if masked else None
+                        pltriton.atomic_add(
+                            gv_ref, (b * d.s + cn.rows[i][j], pl.ds(m * d.c, d.c)), go * wgt, mask=mask
+                        )
+        return carry
+
+    lax.fori_loop(0, block, one_query, 0)
+
+
+def grad_value(src: Source, shapes: Shapes, value: jax.Array, g: jax.Array,
+               inputs: Sequence[jax.Array], cfg: Config) -> jax.Array:
+    """Value gradient ``[B, S, M, Dh]`` in ``value.dtype``.
+
+    Accumulated by atomic adds in a zero-initialised ``[B*S, M*C]`` buffer of the compute dtype
+    (GPU atomics take no bfloat16; the padded channels keep every lane inside its head).
+    """
+
+    def call(value, g, *inputs):
+        d, cdt = src.dims(value, inputs, shapes), compute_dtype(value)
+        kernel = functools.partial(
+            _grad_value_kernel, src=src, d=d, block=cfg.block_q_value, cdt=cdt,
+            # The interpreter rejects masked atomics; on GPU the mask skips adds of zeros, which
+            # would otherwise pile up on the border pixels that off-map samples are clamped to.
+            masked=not cfg.interpret,
+        )
+        zeros = jnp.zeros((d.b * d.s, d.m * d.c), cdt)
+        acc = pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct(zeros.shape, cdt),
+            grid=_grid(d, cfg.block_q_value),
+            input_output_aliases={1 + len(inputs): 0},
+            interpret=cfg.interpret,
+            compiler_params=compiler_params(cfg, value_kernel=True),
+            name="msda_grad_value",
+        )(_flat(g), *map(_flat, inputs), zeros)
+        return acc.reshape(d.b, d.s, d.m, d.c)[..., : d.dh].astype(value.dtype)
+
+    return _batch_sharded(call, cfg)(value, g, *inputs)
+
+
+def _batch_sharded(fn: Callable, cfg: Config) -> Callable:
+    """``fn`` itself, or ``fn`` under ``shard_map`` splitting every argument and result along
+    axis 0 over ``cfg.batch_axis`` (each kernel then sees its local batch)."""
+    if cfg.batch_axis is None:
+        return fn
+    spec = PartitionSpec(cfg.batch_axis)
+    return jax.shard_map(fn, mesh=cfg.mesh, in_specs=spec, out_specs=spec, check_vma=False)

@@ -1,0 +1,101 @@
+"""``ms_deform_attn``: the sampling core from sampling locations and softmaxed weights."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence, Tuple
+
+import jax
+
+from pallas_kernels import _kernels
+from pallas_kernels._common import Config, Dims, at, load, resolve_interpret, static_shapes, store
+from pallas_kernels._kernels import Samples
+
+
+class _Direct:
+    """Source reading ``locations [B, Q, M, L, P, 2]`` and ``weights [B, Q, M, L, P]``."""
+
+    n_in = 2
+
+    def dims(self, value, inputs, shapes) -> Dims:
+        b, _, m, dh = value.shape
+        loc = inputs[0]
+        return Dims(b=b, q=loc.shape[1], m=m, dh=dh, shapes=shapes, p=loc.shape[4])
+
+    def grad_shapes(self, inputs, d: Dims, cdt) -> tuple:
+        return tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs)
+
+    def samples(self, refs, m, rows, ok, d: Dims, cdt) -> Samples:
+        loc_ref, att_ref = refs  # [B*Q, M*L*P*2], [B*Q, M*L*P]
+        grid = lambda f: [[f(l, p) for p in range(d.p)] for l in range(d.l)]
+        return Samples(
+            x=grid(lambda l, p: load(at(loc_ref, rows, d.loc_col(m, l, p, 0)), ok, cdt)),
+            y=grid(lambda l, p: load(at(loc_ref, rows, d.loc_col(m, l, p, 1)), ok, cdt)),
+            a=grid(lambda l, p: load(at(att_ref, rows, d.lp_col(m, l, p)), ok, cdt)),
+        )
+
+    def write_grads(self, refs, m, rows, ok, smp, gx, gy, ga, d: Dims) -> None:
+        gl_ref, ga_ref = refs
+        for l in range(d.l):
+            for p in range(d.p):
+                store(at(gl_ref, rows, d.loc_col(m, l, p, 0)), gx[l][p], ok)
+                store(at(gl_ref, rows, d.loc_col(m, l, p, 1)), gy[l][p], ok)
+                store(at(ga_ref, rows, d.lp_col(m, l, p)), ga[l][p], ok)
+
+
+_SOURCE = _Direct()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 4))
+def _msda(value, shapes, loc, attn, cfg: Config):
+    return _kernels.forward(_SOURCE, shapes, value, (loc, attn), cfg)
+
+
+def _msda_fwd(value, shapes, loc, attn, cfg):
+    return _msda(value, shapes, loc, attn, cfg), (value, loc, attn)
+
+
+def _msda_bwd(shapes, cfg, res, g):
+    value, loc, attn = res
+    g_loc, g_attn = _kernels.grad_inputs(_SOURCE, shapes, value, g, (loc, attn), cfg)
+    g_value = _kernels.grad_value(_SOURCE, shapes, value, g, (loc, attn), cfg)
+    return g_value, g_loc, g_attn
+
+
+_msda.defvjp(_msda_fwd, _msda_bwd)
+
+
+def ms_deform_attn(
+    value: jax.Array,
+    spatial_shapes: Sequence[Tuple[int, int]],
+    sampling_locations: jax.Array,
+    attention_weights: jax.Array,
+    *,
+    interpret: bool | None = None,
+    block_q: int = 64,
+    block_q_value: int = 8,
+    mesh: Any = None,
+    batch_axis: Any = None,
+) -> jax.Array:
+    """Multi-scale deformable attention sampling core as Pallas (Triton) kernels.
+
+    Args:
+      value: ``[B, S, M, Dh]`` (float32 or bfloat16), levels flattened row-major, concatenated.
+      spatial_shapes: static ``(H, W)`` per level.
+      sampling_locations: ``[B, Q, M, L, P, 2]`` normalised (x, y); off-map, infinite or NaN
+        locations contribute zero (and get zero gradient).
+      attention_weights: ``[B, Q, M, L, P]``.
+      interpret: run the Pallas interpreter; ``None`` -> everywhere but on GPU.
+      block_q, block_q_value: queries per program (powers of two) of the forward and
+        location/weight-gradient kernels, and of the value-gradient kernel.
+      mesh, batch_axis: run every kernel under ``jax.shard_map`` split along the batch axis
+        over mesh axis (or axes) ``batch_axis`` of ``mesh`` (``None``: the mesh in context).
+        The ``custom_vjp`` stays outside the ``shard_map``.
+
+    Returns:
+      ``[B, Q, M*Dh]`` in ``value.dtype``, accumulated in float32 (float64 for float64 value).
+    """
+    shapes = static_shapes(spatial_shapes)
+    cfg = Config(interpret=resolve_interpret(interpret), block_q=block_q,
+                 block_q_value=block_q_value, mesh=mesh, batch_axis=batch_axis)
+    return _msda(value, shapes, sampling_locations, attention_weights, cfg)
