@@ -16,10 +16,11 @@ Implementations: ``"xla"`` (:mod:`jax_adapter.msda_xla`, everywhere) and ``"pall
 from __future__ import annotations
 
 import os
-from typing import Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from jax_adapter.msda_xla import ms_deform_attn_xla
 
@@ -67,6 +68,18 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
+def _batch_split(fn: Callable, mesh: Any, batch_axis: Optional[Any]) -> Callable:
+    """``fn`` run per device on its share of the batch (every argument is batch-major).
+
+    The sampling core gathers data-dependent rows; left to the SPMD partitioner, a batch-sharded
+    call would gather the whole batch onto every device.
+    """
+    if batch_axis is None:
+        return fn
+    spec = PartitionSpec(batch_axis)
+    return jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+
+
 def ms_deform_attn(
     value: jax.Array,
     spatial_shapes: Sequence[Tuple[int, int]],
@@ -74,6 +87,8 @@ def ms_deform_attn(
     attention_weights: jax.Array,
     *,
     impl: str = "auto",
+    mesh: Any = None,
+    batch_axis: Optional[Any] = None,
 ) -> jax.Array:
     """Multi-scale deformable attention sampling core.
 
@@ -84,6 +99,9 @@ def ms_deform_attn(
         non-finite locations contribute zero).
       attention_weights: ``[B, Q, M, L, P]``.
       impl: ``"auto"``, ``"xla"`` or ``"pallas"``.
+      mesh, batch_axis: under a device mesh, the mesh axis (or axes) that split the batch; the
+        core then runs per device under ``jax.shard_map`` (``mesh=None``: the mesh in context).
+        The Pallas path keeps its ``custom_vjp`` outside the ``shard_map``.
 
     Returns:
       ``[B, Q, M*Dh]`` in ``value.dtype`` (accumulated in at least float32).
@@ -101,8 +119,10 @@ def ms_deform_attn(
     if resolve_impl(impl) == "pallas":
         import pallas_kernels
 
-        return pallas_kernels.ms_deform_attn(value, shapes, sampling_locations, attention_weights)
-    return ms_deform_attn_xla(value, shapes, sampling_locations, attention_weights)
+        return pallas_kernels.ms_deform_attn(value, shapes, sampling_locations, attention_weights,
+                                             mesh=mesh, batch_axis=batch_axis)
+    core = _batch_split(lambda *a: ms_deform_attn_xla(a[0], shapes, *a[1:]), mesh, batch_axis)
+    return core(value, sampling_locations, attention_weights)
 
 
 def sampling_inputs(
@@ -133,6 +153,8 @@ def ms_deform_attn_fused(
     logits: jax.Array,
     *,
     impl: str = "auto",
+    mesh: Any = None,
+    batch_axis: Optional[Any] = None,
 ) -> jax.Array:
     """Sampling core from raw projections: ``loc = ref + offsets / (W_l, H_l)``, softmax over L*P.
 
@@ -142,6 +164,7 @@ def ms_deform_attn_fused(
       reference_points: ``[B, Q, 2]`` (x, y) in [0, 1], the same point for every level.
       offsets: ``[B, Q, M, L, P, 2]``, raw ``sampling_offsets`` output (pixels of each level).
       logits: ``[B, Q, M, L*P]``, raw ``attention_weights`` output (before the softmax).
+      impl, mesh, batch_axis: as for :func:`ms_deform_attn`.
 
     Returns:
       ``[B, Q, M*Dh]`` in ``value.dtype``.
@@ -158,6 +181,11 @@ def ms_deform_attn_fused(
     if resolve_impl(impl) == "pallas":
         import pallas_kernels
 
-        return pallas_kernels.ms_deform_attn_fused(value, shapes, reference_points, offsets, logits)
-    loc, attn = sampling_inputs(shapes, reference_points, offsets, logits)
-    return ms_deform_attn_xla(value, shapes, loc, attn)
+        return pallas_kernels.ms_deform_attn_fused(value, shapes, reference_points, offsets, logits,
+                                                   mesh=mesh, batch_axis=batch_axis)
+
+    def core(value, reference_points, offsets, logits):
+        loc, attn = sampling_inputs(shapes, reference_points, offsets, logits)
+        return ms_deform_attn_xla(value, shapes, loc, attn)
+
+    return _batch_split(core, mesh, batch_axis)(value, reference_points, offsets, logits)
