@@ -18,11 +18,13 @@ anything else          same name       same name
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from convert.tensors import load
 from jax_adapter.layers import BatchNorm2d, ConvTranspose2x2
 
 Path = Tuple
@@ -79,6 +81,130 @@ def _fmt(keys, limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+def dotted(path: Path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """One model array as the PyTorch side sees it."""
+
+    path: str  # dotted module path, the checkpoint's array name
+    rule: KeyRule
+    shape: Tuple[int, ...]  # JAX layout
+    dtype: np.dtype
+
+    @property
+    def torch_shape(self) -> Tuple[int, ...]:
+        # A zero-strided view: the layout change is computed without allocating the array.
+        return tuple(self.rule.to_torch(np.broadcast_to(np.zeros((), np.int8), self.shape)).shape)
+
+
+def slots(model: nnx.Module) -> Dict[str, Slot]:
+    """``{PyTorch key: Slot}`` for every ``Param`` and ``BatchStat`` of ``model`` (which may be
+    abstract, from ``nnx.eval_shape``)."""
+    table = key_table(model)
+    state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
+    out = {}
+    for path, var in nnx.to_flat_state(state):
+        value = var.get_value()
+        out[table[tuple(path)].torch_key] = Slot(dotted(path), table[tuple(path)], tuple(value.shape),
+                                                 np.dtype(value.dtype))
+    return out
+
+
+def check_fit(
+    expected: Dict[str, Slot], shapes: Dict[str, Tuple[int, ...]], *,
+    allow_missing: Callable[[str], bool] = lambda key: False, source: str = "state dict",
+    names: Callable[[str], list] = lambda key: [key],
+) -> list:
+    """Compare a source's ``{key: shape}`` with the model's slots, before reading any data.
+
+    Unknown keys, missing keys (unless ``allow_missing(key)``) and mis-shaped tensors raise one
+    ``ValueError`` naming them (missing keys in the source's own names, via ``names``).
+    Returns the allowed missing keys.
+    """
+    unknown = set(shapes) - set(expected)
+    missing = [k for k in expected if k not in shapes]
+    bad_missing = {n for k in missing if not allow_missing(k) for n in names(k)}
+    bad_shape = [
+        f"{k} {tuple(shapes[k])} (expected {expected[k].torch_shape})"
+        for k in set(shapes) & set(expected) if tuple(shapes[k]) != expected[k].torch_shape
+    ]
+    problems = []
+    if unknown:
+        problems.append(f"unexpected keys: {_fmt(unknown)}")
+    if bad_missing:
+        problems.append(f"missing keys: {_fmt(bad_missing)}")
+    if bad_shape:
+        problems.append(f"mis-shaped keys: {_fmt(bad_shape)}")
+    if problems:
+        raise ValueError(f"{source} does not fit the model: " + "; ".join(problems))
+    return [k for k in missing if allow_missing(k)]
+
+
+def check_stored(expected: Dict[str, Slot], shapes: Dict[str, Tuple[int, ...]], *, source: str) -> None:
+    """Compare a checkpoint directory's ``{dotted path: shape}`` (JAX layout) with the slots."""
+    want = {s.path: s.shape for s in expected.values()}
+    missing, unknown = set(want) - set(shapes), set(shapes) - set(want)
+    bad_shape = [f"{k} {tuple(shapes[k])} (expected {want[k]})"
+                 for k in set(want) & set(shapes) if tuple(shapes[k]) != want[k]]
+    problems = [f"{what}: {_fmt(keys)}" for what, keys in
+                (("unexpected arrays", unknown), ("missing arrays", missing), ("mis-shaped arrays", bad_shape)) if keys]
+    if problems:
+        raise ValueError(f"{source}: stored arrays do not fit its config: " + "; ".join(problems))
+
+
+def convert_tensors(
+    expected: Dict[str, Slot], tensors: Dict[str, object], *, dtype: Optional[str] = None,
+    on_tensor: Callable[[int], None] = lambda nbytes: None,
+) -> Dict[str, np.ndarray]:
+    """``{dotted path: array}`` in JAX layout, converting one tensor at a time.
+
+    ``tensors`` maps PyTorch keys to numpy arrays or lazy handles (call :func:`check_fit`
+    first). Floating arrays become ``dtype`` (default: the model's), others the model's dtype;
+    each result is a fresh C-contiguous array, never a view of the source.
+    """
+    out = {}
+    for key, t in tensors.items():
+        slot = expected[key]
+        a = load(t)
+        target = numpy_dtype(dtype) if dtype is not None and _is_float(a.dtype) else slot.dtype
+        out[slot.path] = np.array(slot.rule.to_jax(a), dtype=target, order="C", copy=True)
+        on_tensor(a.nbytes)
+        del a
+    return out
+
+
+def _is_float(dt: np.dtype) -> bool:
+    return np.issubdtype(dt, np.floating) or dt == np.dtype(ml_dtypes.bfloat16)
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """``"float32"`` / ``"bfloat16"`` / ... as a numpy dtype (bfloat16 from ml_dtypes)."""
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def cast_floats(a: np.ndarray, dtype: Optional[str]) -> np.ndarray:
+    """``a`` in ``dtype`` if it is floating (integers such as counters are left alone)."""
+    if dtype is None or not _is_float(a.dtype) or a.dtype == numpy_dtype(dtype):
+        return a
+    return a.astype(numpy_dtype(dtype))
+
+
+def torch_arrays(expected: Dict[str, Slot], arrays: Dict[str, np.ndarray], *, pop: bool = False,
+                 dtype: Optional[str] = None) -> Iterator[Tuple[str, np.ndarray]]:
+    """``(PyTorch key, array in PyTorch layout)`` for each slot, lazily.
+
+    Integer arrays (``num_batches_tracked``) come out as int64, as PyTorch stores them; with
+    ``pop`` each array is removed from ``arrays`` once converted (bounded memory on export).
+    """
+    for key, slot in expected.items():
+        a = arrays.pop(slot.path) if pop else arrays[slot.path]
+        a = cast_floats(a, dtype) if _is_float(a.dtype) else a.astype(np.int64)
+        yield key, np.ascontiguousarray(slot.rule.to_torch(a))
+
+
 def load_state_dict(
     model: nnx.Module,
     state_dict: Dict[str, np.ndarray],
@@ -91,35 +217,16 @@ def load_state_dict(
     Unknown keys, missing keys (unless ``allow_missing(key)``) and mis-shaped tensors raise one
     ``ValueError`` naming them; nothing is assigned unless everything fits. Returns counts.
     """
-    table = key_table(model)
-    by_key = {rule.torch_key: path for path, rule in table.items()}
-    unknown = set(state_dict) - set(by_key)
-    missing = {k for k in by_key if k not in state_dict and not allow_missing(k)}
+    expected = slots(model)
+    check_fit(expected, {k: np.shape(v) for k, v in state_dict.items()}, allow_missing=allow_missing,
+              source=source)
+    arrays = convert_tensors(expected, state_dict)
     state = nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))
-    flat = dict((tuple(p), v) for p, v in nnx.to_flat_state(state))
-    updates, bad_shape = {}, []
-    for key, arr in state_dict.items():
-        if key not in by_key:
-            continue
-        path = by_key[key]
-        target = flat[path]
-        value = table[path].to_jax(np.asarray(arr))
-        if value.shape != tuple(target.shape):
-            bad_shape.append(f"{key} {tuple(np.asarray(arr).shape)} (expected {tuple(table[path].to_torch(np.zeros(target.shape)).shape)})")
-            continue
-        updates[path] = value.astype(target.dtype)
-    problems = []
-    if unknown:
-        problems.append(f"unexpected keys: {_fmt(unknown)}")
-    if missing:
-        problems.append(f"missing keys: {_fmt(missing)}")
-    if bad_shape:
-        problems.append(f"mis-shaped keys: {_fmt(bad_shape)}")
-    if problems:
-        raise ValueError(f"{source} does not fit the model: " + "; ".join(problems))
-    for path, value in updates.items():
-        flat[path][...] = value
-    return {"loaded": len(updates), "kept": len(table) - len(updates)}
+    for path, var in nnx.to_flat_state(state):
+        name = dotted(path)
+        if name in arrays:
+            var[...] = arrays[name]
+    return {"loaded": len(arrays), "kept": len(expected) - len(arrays)}
 
 
 def to_state_dict(model: nnx.Module) -> Dict[str, np.ndarray]:

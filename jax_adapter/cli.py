@@ -33,10 +33,25 @@ def _config(args):
 def cmd_convert(args) -> int:
     from convert.pipeline import convert_file
 
-    cfg = _config(args)
-    prov = convert_file(args.src, args.dst, cfg, prefix=args.prefix, overwrite=args.overwrite,
-                        dtype=args.dtype)
+    prov = convert_file(args.src, args.dst, args.config, preset=args.preset, prefix=args.prefix,
+                        trunk_only=args.trunk_only, overwrite=args.overwrite, dtype=args.dtype)
     print(json.dumps({"written": args.dst, **prov}))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from convert.pipeline import export_checkpoint
+
+    print(json.dumps(export_checkpoint(args.ckpt, args.out, dinov2_only=args.dinov2_only,
+                                       overwrite=args.overwrite, dtype=args.dtype)))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from convert.pipeline import format_info, inspect_path
+
+    info = inspect_path(args.path, prefix=args.prefix)
+    print(json.dumps(info, indent=1) if args.json else format_info(info))
     return 0
 
 
@@ -117,15 +132,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jax-adapter", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("convert", help="convert a PyTorch DinoAdapter or DINOv2 .pth into a checkpoint directory")
-    c.add_argument("src", help="PyTorch checkpoint (.pth)")
+    c = sub.add_parser("convert", help="convert a DinoAdapter or DINOv2 checkpoint (hub .pth, Hugging Face, "
+                                       "detector) into a checkpoint directory")
+    c.add_argument("src", help="a .pth/.bin/.safetensors file or a Hugging Face model folder")
     c.add_argument("dst", help="output checkpoint directory")
-    c.add_argument("--config", help="AdapterConfig JSON (PyTorch DinoAdapter keyword arguments)")
+    c.add_argument("--config", help="config JSON completing or overriding what the tensors imply: "
+                                    "AdapterConfig fields, DINOv2 hub vit_* arguments or a Hugging Face config.json")
     c.add_argument("--preset", help="a named preset instead of --config, e.g. dinov2_vitb14")
-    c.add_argument("--prefix", help="key prefix of the backbone inside a detector checkpoint")
+    c.add_argument("--prefix", help="key prefix of the backbone inside a detector checkpoint "
+                                    "(detected when there is only one backbone)")
+    c.add_argument("--trunk-only", action="store_true",
+                   help="write the DINOv2 trunk alone (load_pretrained then returns a DinoV2)")
     c.add_argument("--dtype", choices=("float32", "bfloat16"), help="dtype of the stored arrays")
     c.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     c.set_defaults(func=cmd_convert)
+
+    e = sub.add_parser("export", help="write a checkpoint directory as a PyTorch state dict "
+                                      "(seed DinoAdapter names; DINOv2 hub names for the trunk)")
+    e.add_argument("ckpt", help="checkpoint directory written by convert (or by training)")
+    e.add_argument("out", help="output file: .pth, .pt, .bin (torch.save) or .safetensors")
+    e.add_argument("--dinov2-only", action="store_true", help="export the DINOv2 trunk alone, in hub names")
+    e.add_argument("--dtype", choices=("float32", "bfloat16"), help="dtype of the written tensors "
+                                                                    "(default: as stored)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    e.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("inspect", help="show what a checkpoint (PyTorch or ours) holds: format, variant, "
+                                       "parameter count, config")
+    i.add_argument("path", help="a checkpoint directory, a .pth/.bin/.safetensors file or a Hugging Face folder")
+    i.add_argument("--prefix", help="key prefix of the backbone inside a detector checkpoint")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_inspect)
 
     d = sub.add_parser("demo", help="run the backbone on a synthetic image at the seed sizes, with timings")
     d.add_argument("--preset", help="preset name (default dinov2_vits14, random weights)")

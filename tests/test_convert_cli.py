@@ -83,12 +83,23 @@ def _assert_fails(argv, capsys, match, dst):
     assert not [p for p in os.listdir(os.path.dirname(dst)) if p.startswith(".jax_adapter-")]
 
 
-def test_error_wrong_config_names_the_keys(tmp_path, capsys):
+def test_error_wrong_config_names_the_field(tmp_path, capsys):
     cfg = dict(json.loads(open(TINY_CFG).read()), conv_inplane=32)
     cfg_path = tmp_path / "cfg.json"
     cfg_path.write_text(json.dumps(cfg))
     dst = str(tmp_path / "out")
-    _assert_fails(["convert", TINY_PTH, dst, "--config", str(cfg_path)], capsys, "mis-shaped keys: spm.", dst)
+    _assert_fails(["convert", TINY_PTH, dst, "--config", str(cfg_path)], capsys,
+                  "conv_inplane: the checkpoint has 16, --config", dst)
+
+
+def test_error_mis_shaped_tensor_names_the_key(tmp_path, capsys):
+    sd = torch.load(TINY_PTH, weights_only=True)
+    sd["blocks.1.attn.qkv.weight"] = sd["blocks.1.attn.qkv.weight"][:-3]
+    src = tmp_path / "bad.pth"
+    torch.save(sd, src)
+    dst = str(tmp_path / "out")
+    _assert_fails(["convert", str(src), dst, "--config", TINY_CFG], capsys,
+                  "mis-shaped keys: blocks.1.attn.qkv.weight (285, 96) (expected (288, 96))", dst)
 
 
 def test_error_unexpected_and_missing_keys(tmp_path, capsys):
