@@ -16,8 +16,10 @@ splitting the blocks evenly, unless the config says otherwise.
 
 Deformable attention: ``attention_weights`` has ``heads * levels * points`` rows (levels = 3 in
 the injector) and ``sampling_offsets`` twice that, so the tensors fix ``heads * points`` but not
-the split. A config giving either one decides; otherwise the seed's 6 heads are taken when they
-divide both ``heads * points`` and the value width, else 4 points.
+the split. A config giving either one decides; otherwise 4 points are taken (the value of every
+published ViT-Adapter config and of the seed: 6 heads * 4 points for the seed's ViT-S/B, 12 * 4
+for ViT-Adapter-B, 16 * 4 for L) when ``heads * points / 4`` divides the value width, else 6
+heads. An adapter trained with other points must be converted with ``--config``.
 """
 
 from __future__ import annotations
@@ -308,10 +310,11 @@ def _deform_split(prod: int, given: Mapping[str, Any], label: str, fields: Mappi
             return f"{what}, not a multiple of {label}'s {one}"
         return (one, prod // one) if heads is not None else (prod // one, one)
     value_width = int(fields["embed_dim"] * fields.get("deform_ratio", 1.0))
-    if prod % 6 == 0 and value_width % 6 == 0:
-        return 6, prod // 6  # the seed detector's choice
+    # Every published ViT-Adapter config (and the seed) uses 4 points; then the seed's 6 heads.
     if prod % 4 == 0 and value_width % (prod // 4) == 0:
         return prod // 4, 4
+    if prod % 6 == 0 and value_width % 6 == 0:
+        return 6, prod // 6
     return None
 
 

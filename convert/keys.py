@@ -202,7 +202,7 @@ def torch_arrays(expected: Dict[str, Slot], arrays: Dict[str, np.ndarray], *, po
     for key, slot in expected.items():
         a = arrays.pop(slot.path) if pop else arrays[slot.path]
         a = cast_floats(a, dtype) if _is_float(a.dtype) else a.astype(np.int64)
-        yield key, np.ascontiguousarray(slot.rule.to_torch(a))
+        yield key, np.asarray(slot.rule.to_torch(a), order="C")
 
 
 def load_state_dict(
@@ -236,5 +236,5 @@ def to_state_dict(model: nnx.Module) -> Dict[str, np.ndarray]:
     out = {}
     for path, var in nnx.to_flat_state(state):
         rule = table[tuple(path)]
-        out[rule.torch_key] = np.ascontiguousarray(rule.to_torch(np.asarray(var[...])))
+        out[rule.torch_key] = np.asarray(rule.to_torch(np.asarray(var[...])), order="C")
     return out

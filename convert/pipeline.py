@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, TextIO
 import numpy as np
 
 from convert import checkpoint
-from convert.infer import given_fields, infer, resolve, variant_name
+from convert.infer import ADAPTER_FIELDS, TRUNK_FIELDS, given_fields, infer, resolve, variant_name
 from convert.keys import cast_floats, check_fit, check_stored, convert_tensors, slots, torch_arrays
 from convert.progress import Progress
 from convert.reader import open_source
@@ -202,7 +202,9 @@ def inspect_path(path: str, prefix: Optional[str] = None) -> Dict[str, object]:
     try:
         info["config"] = resolve(inferred, {}, "no config", kind).to_dict()
     except ValueError as e:
-        info["config"] = {**inferred.defaults, **inferred.fixed}
+        names = ADAPTER_FIELDS if kind == "adapter" else TRUNK_FIELDS
+        known = {**inferred.defaults, **inferred.fixed, "pos_embed_resize": inferred.source_pos_resize}
+        info["config"] = {k: v for k, v in known.items() if k in names}
         info["unresolved"] = str(e)
     info["variant"] = variant_name(info["config"])
     return info

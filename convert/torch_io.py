@@ -40,11 +40,12 @@ def is_torch_file(path: str) -> bool:
 
 def _load_error(path: str, e: Exception) -> ValueError:
     text = " ".join(str(e).split())
-    m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if m:
+    if "weights only load failed" in text.lower():
         # Refused by the weights-only unpickler: the file holds Python objects besides tensors.
+        m = re.search(r"unsupported GLOBAL:? (?:GLOBAL )?([\w.]+)", text, re.IGNORECASE)
+        what = m.group(1) if m else "Python objects"
         return ValueError(
-            f"{path}: refusing to unpickle {m.group(1)} (only tensors and plain containers are "
+            f"{path}: refusing to unpickle {what} (only tensors and plain containers are "
             f"read, with torch.load(weights_only=True)); re-save the weights alone, e.g. "
             f"torch.save(ckpt['state_dict'], 'weights.pth')"
         )
@@ -152,7 +153,7 @@ def to_numpy(state_dict: Dict[str, object], prefix: Optional[str] = None) -> Dic
 def to_torch(a: np.ndarray):
     """A numpy array as a torch tensor sharing its memory (bfloat16 through a bit view)."""
     torch = _import_torch()
-    a = np.ascontiguousarray(a)
+    a = np.asarray(a, order="C")  # (ascontiguousarray would turn 0-d counters into 1-d)
     if a.dtype == DTYPES["BF16"]:
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)

@@ -141,3 +141,106 @@ def test_existing_destination_is_refused_unless_overwrite(tmp_path, capsys):
 def test_load_pretrained_on_a_non_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="not a jax-adapter checkpoint"):
         jax_adapter.load_pretrained(str(tmp_path))
+
+
+def test_error_truncated_safetensors(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    full = tmp_path / "full.safetensors"
+    save_file(dict(torch.load(TINY_PTH, weights_only=True)), str(full))
+    src = tmp_path / "trunc.safetensors"
+    src.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    dst = str(tmp_path / "out")
+    _assert_fails(["convert", str(src), dst, "--config", TINY_CFG], capsys,
+                  f"{src}: not a readable safetensors file (truncated: tensor", dst)
+    corrupt = tmp_path / "corrupt.safetensors"
+    data = bytearray(full.read_bytes())
+    data[8:12] = b"!!!!"  # break the JSON header
+    corrupt.write_bytes(bytes(data))
+    _assert_fails(["convert", str(corrupt), dst, "--config", TINY_CFG], capsys,
+                  f"{corrupt}: unknown file format", dst)
+
+
+def test_error_foreign_file_and_unknown_format(tmp_path, capsys):
+    dst = str(tmp_path / "out")
+    junk = tmp_path / "weights.pth"
+    junk.write_text("not a checkpoint\n" * 10)
+    _assert_fails(["convert", str(junk), dst], capsys, f"{junk}: unknown file format", dst)
+    other = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(4, 3, 7, 7), "fc.weight": torch.zeros(10, 4)}, other)
+    _assert_fails(["convert", str(other), dst], capsys,
+                  f"{other}: unknown checkpoint format: no DINOv2 backbone found", dst)
+    empty = tmp_path / "hf_folder"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    _assert_fails(["convert", str(empty), dst], capsys, "no weights found (expected one of model.safetensors", dst)
+
+
+class _Exploit:
+    """Unpickling this would run code; weights_only loading must refuse it."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_pickled_code_is_never_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sd = dict(torch.load(TINY_PTH, weights_only=True))
+    src = tmp_path / "evil.pth"
+    torch.save({"state_dict": sd, "hook": _Exploit()}, src)
+    dst = str(tmp_path / "out")
+    _assert_fails(["convert", str(src), dst, "--config", TINY_CFG], capsys,
+                  "refusing to unpickle posix.system", dst)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_error_bad_config_file(tmp_path, capsys):
+    dst = str(tmp_path / "out")
+    bad = tmp_path / "cfg.json"
+    bad.write_text("{not json")
+    _assert_fails(["convert", TINY_PTH, dst, "--config", str(bad)], capsys, "not valid JSON", dst)
+    bad.write_text(json.dumps({"num_heads": 3, "embeddim": 96}))
+    _assert_fails(["convert", TINY_PTH, dst, "--config", str(bad)], capsys, "unknown config fields", dst)
+    _assert_fails(["convert", TINY_PTH, dst, "--config", TINY_CFG, "--preset", "tiny"], capsys,
+                  "not both", dst)
+
+
+def test_inspect_sources_and_checkpoints(tmp_path, capsys):
+    rc, out, err = run(["inspect", str(FIXTURES / "dinov2_tiny_reg4.pth"), "--json"], capsys)
+    assert rc == 0, err
+    info = json.loads(out)
+    ref = torch.load(FIXTURES / "dinov2_tiny_reg4.pth", weights_only=True)
+    assert (info["format"], info["kind"], info["tensors"]) == ("dinov2_hub", "dinov2", len(ref))
+    assert info["parameters"] == sum(v.numel() for v in ref.values())
+    assert "cannot infer num_heads" in info["unresolved"] and info["config"]["num_register_tokens"] == 4
+    dst = str(tmp_path / "ckpt")
+    assert run(["convert", TINY_PTH, dst, "--config", TINY_CFG], capsys)[0] == 0
+    rc, out, err = run(["inspect", dst], capsys)
+    assert rc == 0, err
+    assert "format:       jax-adapter" in out and "parameters:   1,104," in out and '"conv_inplane": 16' in out
+    info = json.loads(run(["inspect", dst, "--json"], capsys)[1])
+    assert info["kind"] == "adapter" and info["provenance"]["format"] == "dinoadapter"
+    assert info["parameters"] == sum(v.numel() for k, v in torch.load(TINY_PTH, weights_only=True).items()
+                                     if "running_" not in k and "num_batches" not in k)
+
+
+def test_progress_bar_on_a_terminal(tmp_path, capsys, monkeypatch):
+    import io
+
+    from convert import progress
+    from convert.pipeline import convert_file
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    quiet, tty = io.StringIO(), Tty()
+    convert_file(TINY_PTH, str(tmp_path / "a"), TINY_CFG, progress=tty)
+    assert tty.getvalue() == ""  # a 4 MB checkpoint converts in well under a second: no bar
+    monkeypatch.setattr(progress, "MIN_BYTES", 0)
+    convert_file(TINY_PTH, str(tmp_path / "b"), TINY_CFG, progress=quiet)
+    assert quiet.getvalue() == ""  # not a terminal
+    convert_file(TINY_PTH, str(tmp_path / "c"), TINY_CFG, progress=tty)
+    lines = tty.getvalue().split("\n")
+    assert lines[0].startswith("\rhashing") and "100%" in lines[0]
+    assert lines[1].startswith("\rconverting") and "100%" in lines[1].split("\r")[-1]
