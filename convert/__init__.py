@@ -1,5 +1,18 @@
-"""Checkpoint conversion between PyTorch state dicts and jax-adapter checkpoints.
+"""Checkpoint conversion between PyTorch/Hugging Face weights and jax-adapter checkpoints.
 
-``convert.keys`` maps parameter names and layouts; ``convert.torch_io`` reads PyTorch files;
-``convert.checkpoint`` writes and reads checkpoint directories.
+Key mapping:
+
+- ``convert.keys``: the table between module paths and the seed DinoAdapter's PyTorch names
+  and layouts; checking a source against a model; converting tensors one at a time.
+- ``convert.sources``: per-source name converters (DINOv2 hub, Hugging Face) as pure functions.
+- ``convert.infer``: the model config implied by tensor shapes, merged with ``--config`` /
+  ``--preset``.
+
+File I/O:
+
+- ``convert.reader``: opening a source (file or Hugging Face folder), finding the backbone.
+- ``convert.torch_io`` / ``convert.safetensors_io``: ``.pth``/``.bin`` (weights-only, mmap) and
+  ``.safetensors`` (numpy only) reading and writing; ``convert.tensors``: lazy tensor handles.
+- ``convert.checkpoint``: checkpoint directories (orbax arrays + ``jax_adapter.json``), atomic.
+- ``convert.pipeline``: ``convert_file``, ``export_checkpoint``, ``inspect_path``.
 """

@@ -122,13 +122,18 @@ def convert_file(
     }
     if len(files) == 1:
         provenance["sha256"] = files[0]["sha256"]
-    checkpoint.save(dst, arrays, kind, cfg.to_dict(), provenance, overwrite=overwrite)
+    # Unmap the source before writing: its pages read so far count in this process's memory.
+    del source, tensors
+    written = sum(a.nbytes for a in arrays.values())
+    with Progress(written, "writing   ", stream=progress) as bar:
+        checkpoint.save(dst, arrays, kind, cfg.to_dict(), provenance, overwrite=overwrite)
+        bar.update(written)
     return provenance
 
 
 def export_checkpoint(
     ckpt: str, out: str, *, dinov2_only: bool = False, overwrite: bool = False,
-    dtype: Optional[str] = None,
+    dtype: Optional[str] = None, progress: Optional[TextIO] = None,
 ) -> Dict[str, object]:
     """Write a checkpoint directory's weights as a PyTorch ``state_dict`` file.
 
@@ -155,7 +160,13 @@ def export_checkpoint(
     if hub_names:
         expected = {k: s for k, s in expected.items() if is_trunk_key(k)}
     arrays = checkpoint.read_arrays(ckpt)
-    sd = dict(torch_arrays(expected, arrays, pop=True, dtype=dtype))
+    total = sum(a.nbytes for a in arrays.values())
+    sd = {}
+    with Progress(total, "exporting ", stream=progress) as bar:
+        # Each stored array is dropped once converted: about one copy of the weights at a time.
+        for key, a in torch_arrays(expected, arrays, pop=True, dtype=dtype):
+            sd[key] = a
+            bar.update(a.nbytes)
     del arrays  # what is left: the adapter's arrays of a --dinov2-only export
     if hub_names:
         sd = to_dinov2_hub(sd)
@@ -163,7 +174,10 @@ def export_checkpoint(
         write = lambda tmp: write_safetensors(tmp, sd.items(), {"format": "pt"})  # noqa: E731
     else:
         write = lambda tmp: write_pth(tmp, sd.items())  # noqa: E731
-    checkpoint.write_file(out, write, overwrite=overwrite)
+    written = sum(a.nbytes for a in sd.values())
+    with Progress(written, "writing   ", stream=progress) as bar:
+        checkpoint.write_file(out, write, overwrite=overwrite)
+        bar.update(written)
     return {"written": out, "kind": kind, "names": "dinov2_hub" if hub_names else "dinoadapter",
             "tensors": len(sd), "dtypes": _dtype_names(a.dtype for a in sd.values())}
 

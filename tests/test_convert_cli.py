@@ -244,3 +244,4 @@ def test_progress_bar_on_a_terminal(tmp_path, capsys, monkeypatch):
     lines = tty.getvalue().split("\n")
     assert lines[0].startswith("\rhashing") and "100%" in lines[0]
     assert lines[1].startswith("\rconverting") and "100%" in lines[1].split("\r")[-1]
+    assert lines[2].startswith("\rwriting") and "100%" in lines[2].split("\r")[-1] and lines[3] == ""
