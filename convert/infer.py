@@ -154,12 +154,9 @@ def infer(shapes: Mapping[str, Tuple[int, ...]], fmt: str, hf_config: Optional[d
         # A fresh adapter around this trunk: the presets' choice (6 heads, or 64 channels a
         # head for wide trunks), lowered to a divisor of the width if need be.
         defaults["deform_num_heads"] = next(h for h in range(max(6, d // 64), 0, -1) if d % h == 0)
-    if out.num_interactions is None:
-        n_inter = 4
-    else:
-        n_inter = out.num_interactions
+    n_inter = 4 if out.num_interactions is None else out.num_interactions
     depth = fixed["depth"]
-    if depth % n_inter == 0:
+    if n_inter and depth % n_inter == 0:
         step = depth // n_inter
         defaults["interaction_indexes"] = [[i * step, (i + 1) * step - 1] for i in range(n_inter)]
     else:

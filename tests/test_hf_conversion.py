@@ -237,3 +237,26 @@ def test_bfloat16_safetensors_read_without_torch_upcast(tmp_path, capsys):
     np.testing.assert_array_equal(back["norm.weight"], sd["layernorm.weight"].float().numpy())
     q = sd["encoder.layer.0.attention.attention.query.weight"].float().numpy()
     np.testing.assert_array_equal(back["blocks.0.attn.qkv.weight"][:64], q)
+
+
+def test_sharded_safetensors_folder(tmp_path, capsys):
+    """``model.safetensors.index.json`` with two shards reads like the single file."""
+    from safetensors.torch import load_file, save_file
+
+    hf = _build("plain", tmp_path / "hf")
+    folder = tmp_path / "hf"
+    sd = load_file(str(folder / "model.safetensors"))
+    os.remove(folder / "model.safetensors")
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, str(folder / name), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    dst = str(tmp_path / "ckpt")
+    rc, out, err = run(["convert", str(folder), dst, "--trunk-only"], capsys)
+    assert rc == 0, err
+    prov = json.loads(out)
+    assert [f["name"] for f in prov["source_files"]] == sorted(shards) and "sha256" not in prov
+    assert all(len(f["sha256"]) == 64 for f in prov["source_files"])
+    _compare(hf, jax_adapter.load_pretrained(dst))
