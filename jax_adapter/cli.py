@@ -1,4 +1,4 @@
-"""The ``jax-adapter`` command line: ``convert`` and ``demo``.
+"""The ``jax-adapter`` command line: ``convert``, ``demo`` and ``train``.
 
 Errors print one line on stderr and exit with code 2.
 """
@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch", type=int, default=1)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+
+    from jax_adapter.train_cli import add_parser as add_train_parser
+
+    add_train_parser(sub)
     return p
 
 
