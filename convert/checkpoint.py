@@ -100,8 +100,12 @@ def save(
     # Numpy arrays written in place: orbax's default handler deep-copies every host array
     # first (a second copy of a 4.5 GB ViT-g), and zstd compression buffers a third while
     # saving a few percent on float weights. Readers need no options (StandardCheckpointer).
+    import jax
+
     registry = ocp.type_handlers.create_type_handler_registry(
-        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),  # (unused; silences a warning)
+    )
     handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
     with atomic_path(dst, overwrite=overwrite, directory=True) as tmp:
         with ocp.Checkpointer(handler) as ckptr:
