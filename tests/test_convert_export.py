@@ -159,3 +159,24 @@ def test_export_of_a_damaged_checkpoint_writes_nothing(tmp_path, capsys):
     assert rc == 2 and "mis-shaped arrays: spm." in err and str(ckpt) in err, err
     assert not out.exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".jax_adapter-")]
+
+
+def test_a_model_in_memory_saves_and_exports(tmp_path, capsys):
+    """After training in JAX: ``checkpoint.save(dst, model, ...)`` then ``export``."""
+    from convert import checkpoint
+    from convert.keys import to_state_dict
+
+    ckpt = str(tmp_path / "ckpt")
+    ok(["convert", TINY_PTH, ckpt, "--config", TINY_CFG], capsys)
+    model = jax_adapter.load_pretrained(ckpt)
+    model.level_embed[...] = model.level_embed[...] + 1.0  # "trained"
+    model.norm1.num_batches_tracked[...] = 41
+    trained = str(tmp_path / "trained")
+    checkpoint.save(trained, model, "adapter", model.cfg.to_dict(), {"note": "fine-tuned"})
+    out = str(tmp_path / "trained.pth")
+    ok(["export", trained, out], capsys)
+    sd, ref = read(out), to_state_dict(model)
+    assert set(sd) == set(ref)
+    for k in ref:
+        np.testing.assert_array_equal(sd[k].numpy(), ref[k], err_msg=k)
+    assert sd["norm1.num_batches_tracked"].dtype == torch.int64 and int(sd["norm1.num_batches_tracked"]) == 41
