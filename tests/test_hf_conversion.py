@@ -260,3 +260,33 @@ def test_sharded_safetensors_folder(tmp_path, capsys):
     assert [f["name"] for f in prov["source_files"]] == sorted(shards) and "sha256" not in prov
     assert all(len(f["sha256"]) == 64 for f in prov["source_files"])
     _compare(hf, jax_adapter.load_pretrained(dst))
+
+
+def test_safetensors_conversion_needs_no_torch(tmp_path):
+    """Reading safetensors and writing the checkpoint never import torch."""
+    import subprocess
+    import sys
+
+    _build("registers", tmp_path / "hf")
+    dst = tmp_path / "ckpt"
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any 'import torch' now raises ImportError
+        "from jax_adapter.cli import main\n"
+        f"sys.exit(main(['convert', {str(tmp_path / 'hf')!r}, {str(dst)!r}, '--trunk-only']))\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["format"] == "hf_dinov2_with_registers"
+    assert (dst / "jax_adapter.json").is_file()
+
+
+def test_inspect_hf_folder(tmp_path, capsys):
+    _build("registers", tmp_path / "hf", use_swiglu_ffn=True)
+    rc, out, err = run(["inspect", str(tmp_path / "hf"), "--json"], capsys)
+    assert rc == 0, err
+    info = json.loads(out)
+    assert (info["format"], info["kind"], info["variant"]) == ("hf_dinov2_with_registers", "dinov2", None)
+    cfg = info["config"]
+    assert (cfg["num_heads"], cfg["num_register_tokens"], cfg["ffn_layer"]) == (4, 4, "swiglu")
+    assert cfg["pos_embed_resize"] == "bicubic_size_antialias" and "unresolved" not in info
