@@ -1,4 +1,4 @@
-"""The ``jax-adapter`` command line: ``convert``, ``demo`` and ``train``.
+"""The ``jax-adapter`` command line: ``convert``, ``export``, ``inspect``, ``demo`` and ``train``.
 
 Errors print one line on stderr and exit with code 2.
 """
