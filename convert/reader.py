@@ -150,6 +150,9 @@ def open_source(path: str, prefix: Optional[str] = None) -> Source:
     Errors are ``ValueError`` messages that start with ``path``.
     """
     if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "jax_adapter.json")):
+            raise ValueError(f"{path}: already a jax-adapter checkpoint directory "
+                             f"(jax-adapter export writes it as PyTorch weights)")
         files = _hf_folder_files(path)
         hf_config = _hf_config(path)
     elif os.path.isfile(path):

@@ -173,6 +173,9 @@ def test_error_foreign_file_and_unknown_format(tmp_path, capsys):
     empty.mkdir()
     (empty / "config.json").write_text("{}")
     _assert_fails(["convert", str(empty), dst], capsys, "no weights found (expected one of model.safetensors", dst)
+    ours = tmp_path / "ours"
+    assert run(["convert", TINY_PTH, str(ours), "--config", TINY_CFG], capsys)[0] == 0
+    _assert_fails(["convert", str(ours), dst], capsys, "already a jax-adapter checkpoint directory", dst)
 
 
 class _Exploit:
