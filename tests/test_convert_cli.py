@@ -247,3 +247,12 @@ def test_progress_bar_on_a_terminal(tmp_path, capsys, monkeypatch):
     assert lines[0].startswith("\rhashing") and "100%" in lines[0]
     assert lines[1].startswith("\rconverting") and "100%" in lines[1].split("\r")[-1]
     assert lines[2].startswith("\rwriting") and "100%" in lines[2].split("\r")[-1] and lines[3] == ""
+
+
+def test_legacy_torch_save_format(tmp_path, capsys):
+    """Pre-1.6 (non-zip) torch.save files cannot be memory-mapped; they still load, weights-only."""
+    src = tmp_path / "legacy.pth"
+    torch.save(torch.load(TINY_PTH, weights_only=True), src, _use_new_zipfile_serialization=False)
+    rc, out, err = run(["convert", str(src), str(tmp_path / "ckpt"), "--config", TINY_CFG], capsys)
+    assert rc == 0, err
+    assert json.loads(out)["loaded"] == 301
