@@ -211,7 +211,7 @@ def _parse_preset(name: str) -> Tuple[DinoV2Config, AdapterConfig]:
     )
     # Deformable heads: 6 for S and B (the seed detector's choice), Dh = 64 for L and g.
     adapter = AdapterConfig(
-        num_heads=heads, embed_dim=dim, depth=depth, deform_num_heads=max(6, dim // 64),
+        num_heads=heads, embed_dim=dim, depth=depth, deform_num_heads=6 if dim <= 768 else dim // 64,
         interaction_indexes=_interaction_indexes(depth), num_register_tokens=regs, ffn_layer=ffn,
     )
     return trunk, adapter

@@ -115,3 +115,13 @@ def test_unknown_preset_and_config_fields():
         AdapterConfig.from_dict({"bogus": 1})
     with pytest.raises(ValueError, match="interaction_indexes"):
         AdapterConfig(interaction_indexes=((0, 2), (4, 5)))
+
+
+def test_vitb_preset_is_the_seed_detector_config():
+    # The configuration trained in the detector (SPEC section 5), written out field by field.
+    seed = dict(num_heads=12, embed_dim=768, depth=12, pretrain_size=518, patch_size=14, mlp_ratio=4,
+                conv_inplane=64, n_points=4, deform_num_heads=6, init_values=0.0,
+                interaction_indexes=((0, 2), (3, 5), (6, 8), (9, 11)), with_cffn=True, cffn_ratio=0.25,
+                deform_ratio=1.0, add_vit_feature=False, use_extra_extractor=True)
+    cfg = AdapterConfig.preset("dinov2_vitb14")
+    assert {k: getattr(cfg, k) for k in seed} == seed
