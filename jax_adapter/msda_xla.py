@@ -1,58 +1,207 @@
 """Pure-XLA sampling core of multi-scale deformable attention.
 
-Each level is padded with a one-pixel zero border and sampled by gathering 2x2 windows: one
-gather per level and head instead of four, no per-corner validity masks (the border supplies the
-zeros of ``padding_mode='zeros'``), and a backward whose scatter-add has four times fewer indices
-than the per-corner formulation.
+The formulation is shaped by how XLA:CPU compiles gathers, reductions and scatters:
+
+* ``value [B, S, M, Dh]`` is read as a table of ``B*S*M`` rows of ``Dh`` values, so every bilinear
+  corner is one row gather from the original buffer (no transpose, no padded copy). Corners outside
+  the map are clamped to a valid row and given weight zero.
+* The work runs in a loop over the ``B*M`` (batch, head) pairs. One pair touches a single ``S x Dh``
+  slice of ``value`` (and of its gradient), which stays in cache; walking the whole tensor for
+  every corner is several times slower on CPU, mostly in cache misses. Results are written in
+  place into the final layouts, so nothing is stacked and transposed afterwards.
+* The forward of a pair is one fused kernel: the weighted sum over all ``L*P*4`` corners is
+  written as a chain of elementwise terms, so XLA fuses the gathers into it and never
+  materialises the ``[Q, L*P*4, Dh]`` samples (as ``einsum`` or ``sum`` would).
+* The backward is a ``custom_vjp``. Autodiff of the gathers would materialise every gathered
+  sample and every scatter update at once (hundreds of MB at the seed shapes). Instead, per pair:
+  one scatter-add of ``weight * g`` rows into the value gradient, and the corner dot products
+  ``<g, v_corner>``, from which the location and attention-weight gradients follow in closed
+  form, as *variadic* reduces: XLA fuses those with their gathers, whereas a plain reduce goes to
+  a library kernel that needs its input materialised.
+
+Reverse-mode only: forward-mode AD (``jax.jvp``) of a ``custom_vjp`` is not supported.
+
+Accumulation is in at least float32 (``value`` may be bfloat16).
 """
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from functools import partial
+from typing import List, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+Shapes = Tuple[Tuple[int, int], ...]
+
+# Corner dot products reduced together in one variadic reduce: each reduce reads ``g`` once, and
+# larger groups only grow the fused kernel.
+_DOT_GROUP = 16
+
+_IN_BOUNDS = lax.GatherScatterMode.PROMISE_IN_BOUNDS
 
 
 def bilinear_corners(loc: jax.Array, h: int, w: int):
-    """Top-left corner and bilinear weights of normalised locations on an ``h x w`` map.
+    """Corners and bilinear weights of normalised locations on an ``h x w`` map.
 
-    ``loc [..., 2]`` (x, y in [0, 1]). Returns ``(y0, x0, wts)``: int32 corner indices shifted
-    by +1 into a one-pixel zero-bordered map and clamped into it, and ``wts [..., 2, 2]``
-    (rows y0, y0+1; columns x0, x0+1), zero where all four corners lie outside the map or
-    the location is not finite.
+    ``loc [..., 2]`` (x, y in [0, 1], pixel-centre convention). Returns ``(idx, wts, fx, fy, valid)``:
+    ``idx [..., 4]`` int32 row-major positions of the corners (y0,x0), (y0,x1), (y1,x0), (y1,x1),
+    clamped into the map; ``wts [..., 4]`` their bilinear weights, zero for corners outside the map
+    and for locations that are not finite or whose 2x2 support misses the map; the fractional
+    offsets ``fx, fy [...]``; and ``valid [..., 4]`` (1 where the corner contributes, else 0).
     """
     finite = jnp.isfinite(loc).all(-1)
-    # Non-finite locations would poison the gradients of the masked branch; park them far away.
+    # Non-finite locations would poison the arithmetic below; park them far outside the map.
     loc = jnp.where(finite[..., None], loc, -4.0)
     px = loc[..., 0] * w - 0.5
     py = loc[..., 1] * h - 0.5
-    x0f = jnp.floor(px)
-    y0f = jnp.floor(py)
-    fx = px - x0f
-    fy = py - y0f
-    inside = finite & (x0f >= -1) & (x0f <= w - 1) & (y0f >= -1) & (y0f <= h - 1)
-    x0 = jnp.clip(x0f, -1, w - 1).astype(jnp.int32) + 1
-    y0 = jnp.clip(y0f, -1, h - 1).astype(jnp.int32) + 1
-    wy = jnp.stack([1 - fy, fy], -1)
-    wx = jnp.stack([1 - fx, fx], -1)
-    wts = wy[..., :, None] * wx[..., None, :]
-    wts = jnp.where(inside[..., None, None], wts, 0)
-    return y0, x0, wts
+    x0 = jnp.floor(px)
+    y0 = jnp.floor(py)
+    fx = px - x0
+    fy = py - y0
+    inside = finite & (x0 >= -1) & (x0 <= w - 1) & (y0 >= -1) & (y0 <= h - 1)
+    xs = jnp.stack([x0, x0 + 1, x0, x0 + 1], -1)
+    ys = jnp.stack([y0, y0, y0 + 1, y0 + 1], -1)
+    ok = inside[..., None] & (xs >= 0) & (xs <= w - 1) & (ys >= 0) & (ys <= h - 1)
+    # Clamp in float first: far-away (even 1e9) locations must not overflow the int cast.
+    idx = (jnp.clip(ys, 0, h - 1) * w + jnp.clip(xs, 0, w - 1)).astype(jnp.int32)
+    valid = ok.astype(fx.dtype)
+    wts = jnp.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1) * valid
+    return idx, wts, fx, fy, valid
 
 
-def _gather_windows(vmap_: jax.Array, y0: jax.Array, x0: jax.Array) -> jax.Array:
-    """``vmap_ [H+2, W+2, D]``, corners ``[K]`` -> 2x2 windows ``[K, 2, 2, D]``."""
-    d = vmap_.shape[-1]
+def _plan(shapes: Shapes, value_shape, loc: jax.Array, attn: jax.Array, acc_dtype):
+    """Rows and weights of every corner, laid out per (batch, head) pair.
+
+    Returns ``rows, wts [B*M, Q, K]`` (``K = L*P*4``; rows index ``value`` viewed as
+    ``[B*S*M, Dh]``; weights are bilinear times attention) and, per level, the
+    ``(wts, fx, fy, valid)`` of :func:`bilinear_corners` in ``[B, M, Q, P(, 4)]`` layout.
+    """
+    b, s, m, _ = value_shape
+    q = loc.shape[1]
+    loc = loc.astype(jnp.promote_types(loc.dtype, jnp.float32)).transpose(0, 2, 1, 3, 4, 5)
+    attn = attn.transpose(0, 2, 1, 3, 4).astype(acc_dtype)  # [B, M, Q, L, P]
+    pair_row = (jnp.arange(b)[:, None] * (s * m) + jnp.arange(m)[None, :])[:, :, None, None, None]
+    rows, wts, aux = [], [], []
+    start = 0
+    for lvl, (h, w) in enumerate(shapes):
+        idx, bil, fx, fy, valid = bilinear_corners(loc[:, :, :, lvl], h, w)  # [B, M, Q, P, 4]
+        rows.append(pair_row + (idx + start) * m)
+        wts.append(bil.astype(acc_dtype) * attn[:, :, :, lvl, :, None])
+        aux.append((bil, fx, fy, valid))
+        start += h * w
+    rows = jnp.stack(rows, 3).reshape(b * m, q, -1)
+    wts = jnp.stack(wts, 3).reshape(b * m, q, -1)
+    return rows, wts, aux
+
+
+def _gather_rows(table: jax.Array, rows: jax.Array) -> jax.Array:
+    """``table [R, D]``, ``rows [...]`` -> ``[..., D]`` (rows are in range by construction)."""
     dnums = lax.GatherDimensionNumbers(
-        offset_dims=(1, 2, 3), collapsed_slice_dims=(), start_index_map=(0, 1)
+        offset_dims=(rows.ndim,), collapsed_slice_dims=(0,), start_index_map=(0,)
     )
-    starts = jnp.stack([y0, x0], -1)
     return lax.gather(
-        vmap_, starts, dnums, slice_sizes=(2, 2, d),
-        mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS,
+        table, rows[..., None], dnums, slice_sizes=(1, table.shape[1]), mode=_IN_BOUNDS
     )
+
+
+def _pair_forward(table: jax.Array, rows: jax.Array, wts: jax.Array) -> jax.Array:
+    """One pair: ``sum_k wts[:, k] * table[rows[:, k]]`` -> ``[Q, D]`` in ``wts.dtype``.
+
+    Written as a chain of elementwise terms (not ``einsum``/``sum``) so that XLA fuses all the
+    gathers into a single loop instead of materialising ``[Q, K, D]``.
+    """
+    out = None
+    for k in range(rows.shape[1]):
+        term = wts[:, k, None] * _gather_rows(table, rows[:, k]).astype(wts.dtype)
+        out = term if out is None else out + term
+    return out
+
+
+def _pair_corner_dots(table: jax.Array, rows: jax.Array, g: jax.Array) -> jax.Array:
+    """One pair: ``<g[q], table[rows[q, k]]>`` -> ``[Q, K]`` in ``g.dtype``.
+
+    Variadic reduces keep the gathers fused into the reduction (see the module docstring).
+    """
+    zero = np.zeros((), g.dtype)
+    dots: List[jax.Array] = []
+    for k0 in range(0, rows.shape[1], _DOT_GROUP):
+        ks = range(k0, min(k0 + _DOT_GROUP, rows.shape[1]))
+        terms = tuple(g * _gather_rows(table, rows[:, k]).astype(g.dtype) for k in ks)
+        dots.extend(lax.reduce(
+            terms, (zero,) * len(terms), lambda a, b: tuple(x + y for x, y in zip(a, b)), (1,)
+        ))
+    return jnp.stack(dots, -1)
+
+
+def _sample(value: jax.Array, shapes: Shapes, loc: jax.Array, attn: jax.Array) -> jax.Array:
+    b, s, m, dh = value.shape
+    q = loc.shape[1]
+    acc_dtype = jnp.promote_types(value.dtype, jnp.float32)
+    rows, wts, _ = _plan(shapes, value.shape, loc, attn, acc_dtype)
+    table = value.reshape(b * s * m, dh)
+
+    def pair(i, out):
+        o = _pair_forward(table, rows[i], wts[i]).astype(value.dtype)
+        # Written in place into the final [B, Q, M, Dh] layout: no stacked copy to transpose.
+        return lax.dynamic_update_slice(out, o[None, :, None, :], (i // m, 0, i % m, 0))
+
+    out = lax.fori_loop(0, b * m, pair, jnp.zeros((b, q, m, dh), value.dtype))
+    return out.reshape(b, q, m * dh)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _ms_deform_attn(value: jax.Array, shapes: Shapes, loc: jax.Array, attn: jax.Array) -> jax.Array:
+    return _sample(value, shapes, loc, attn)
+
+
+def _fwd(value, shapes, loc, attn):
+    # Residuals are the inputs themselves: the corner plan is cheap to recompute.
+    return _sample(value, shapes, loc, attn), (value, loc, attn)
+
+
+def _bwd(shapes, res, g):
+    value, loc, attn = res
+    b, s, m, dh = value.shape
+    q, n_l, n_p = loc.shape[1], loc.shape[3], loc.shape[4]
+    acc_dtype = jnp.promote_types(value.dtype, jnp.float32)
+    rows, wts, aux = _plan(shapes, value.shape, loc, attn, acc_dtype)
+    table = value.reshape(b * s * m, dh)
+    g = g.reshape(b, q, m, dh)
+
+    def pair(i, carry):
+        grad_table, dots = carry
+        r = rows[i]
+        gp = lax.dynamic_slice(g, (i // m, 0, i % m, 0), (1, q, 1, dh))
+        gp = gp.reshape(q, dh).astype(acc_dtype)
+        # Value gradient: one scatter-add per pair; its rows stay within the pair's slice.
+        grad_table = grad_table.at[r].add(wts[i][..., None] * gp[:, None, :], mode=_IN_BOUNDS)
+        dots = dots.at[i].set(_pair_corner_dots(table, r, gp))
+        return grad_table, dots
+
+    grad_table, dots = lax.fori_loop(
+        0, b * m, pair, (jnp.zeros((b * s * m, dh), acc_dtype), jnp.zeros(rows.shape, acc_dtype))
+    )
+    dots = dots.reshape(b, m, q, n_l, n_p, 4)
+    attn_bm = attn.transpose(0, 2, 1, 3, 4)
+    g_attn, g_loc = [], []
+    for lvl, (h, w) in enumerate(shapes):
+        bil, fx, fy, valid = aux[lvl]
+        d = dots[:, :, :, lvl] * valid.astype(acc_dtype)  # corners outside the map read zeros
+        g_attn.append(jnp.sum(bil * d, -1))
+        # d/dfx and d/dfy of the bilinear interpolant, times d(fx)/dx = W and d(fy)/dy = H.
+        dfx = (1 - fy) * (d[..., 1] - d[..., 0]) + fy * (d[..., 3] - d[..., 2])
+        dfy = (1 - fx) * (d[..., 2] - d[..., 0]) + fx * (d[..., 3] - d[..., 1])
+        a = attn_bm[:, :, :, lvl]
+        g_loc.append(jnp.stack([a * dfx * w, a * dfy * h], -1))
+    g_attn = jnp.stack(g_attn, 3).transpose(0, 2, 1, 3, 4).astype(attn.dtype)
+    g_loc = jnp.stack(g_loc, 3).transpose(0, 2, 1, 3, 4, 5).astype(loc.dtype)
+    return grad_table.reshape(value.shape).astype(value.dtype), g_loc, g_attn
+
+
+_ms_deform_attn.defvjp(_fwd, _bwd)
 
 
 def ms_deform_attn_xla(
@@ -61,27 +210,9 @@ def ms_deform_attn_xla(
     sampling_locations: jax.Array,
     attention_weights: jax.Array,
 ) -> jax.Array:
-    """Pure-XLA sampling core; see :func:`jax_adapter.ops.ms_deform_attn` (inputs unchecked)."""
+    """Pure-XLA sampling core; see :func:`jax_adapter.ops.ms_deform_attn` (inputs unchecked).
+
+    Differentiable in reverse mode (``custom_vjp``); forward-mode AD is not supported.
+    """
     shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
-    b, _, m, dh = value.shape
-    q, p = sampling_locations.shape[1], sampling_locations.shape[4]
-    acc_dtype = jnp.promote_types(value.dtype, jnp.float32)
-    loc_dtype = jnp.promote_types(sampling_locations.dtype, jnp.float32)
-    out = jnp.zeros((b, m, q, dh), acc_dtype)
-    start = 0
-    for lvl, (h, w) in enumerate(shapes):
-        v = value[:, start:start + h * w].reshape(b, h, w, m, dh)
-        start += h * w
-        v = jnp.pad(v.transpose(0, 3, 1, 2, 4), ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)))
-        loc = sampling_locations[:, :, :, lvl].astype(loc_dtype).transpose(0, 2, 1, 3, 4)
-        attn = attention_weights[:, :, :, lvl].transpose(0, 2, 1, 3)  # [B, M, Q, P]
-        y0, x0, wts = bilinear_corners(loc, h, w)  # [B, M, Q, P], [B, M, Q, P, 2, 2]
-        wts = (wts * attn[..., None, None].astype(wts.dtype)).reshape(b, m, q * p * 4)
-        gather = jax.vmap(jax.vmap(_gather_windows))
-        win = gather(v, y0.reshape(b, m, -1), x0.reshape(b, m, -1))  # [B, M, Q*P, 2, 2, Dh]
-        win = win.reshape(b, m, q, p * 4, dh)
-        out = out + jnp.einsum(
-            "bmqk,bmqkd->bmqd", wts.reshape(b, m, q, p * 4).astype(win.dtype), win,
-            preferred_element_type=acc_dtype,
-        )
-    return out.transpose(0, 2, 1, 3).reshape(b, q, m * dh).astype(value.dtype)
+    return _ms_deform_attn(value, shapes, sampling_locations, attention_weights)
