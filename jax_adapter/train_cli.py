@@ -101,8 +101,8 @@ def _load_config(preset: str):
 class _Progress:
     """A one-line progress bar on stderr, only when stderr is a terminal."""
 
-    def __init__(self, total: int, start: int):
-        self.total, self.start = total, start
+    def __init__(self, total: int):
+        self.total = total
         self.enabled = sys.stderr.isatty()
 
     def update(self, step: int, loss: float) -> None:
@@ -125,8 +125,10 @@ def _check_run_record(workdir: str, record: Dict[str, Any], resuming: bool) -> N
             old = json.load(f)
         diff = [k for k in RUN_KEYS if old.get(k) != record.get(k)]
         if diff:
+            hint = (" (to extend a run, keep --schedule-steps at the original schedule length)"
+                    if "optimizer" in diff else "")
             raise TrainError(
-                f"--resume with options that differ from the run in {workdir}: {', '.join(diff)}"
+                f"--resume with options that differ from the run in {workdir}: {', '.join(diff)}{hint}"
             )
 
 
@@ -219,9 +221,14 @@ def cmd_train(args) -> int:
     first = jax.process_index() * per_process
     indices = range(first, first + per_process)
 
-    interrupted = []
-    previous = signal.signal(signal.SIGTERM, lambda *_: interrupted.append(True))
-    progress = _Progress(args.steps, start)
+    if start >= stop:
+        _log(f"already at step {start}: nothing to do for --steps {args.steps}")
+    # SIGTERM (preemption) and Ctrl-C end the run after the current step, with a checkpoint.
+    stop_signal = []
+    handlers = {sig: signal.signal(sig, lambda num, _: stop_signal.append(signal.Signals(num).name))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    progress = _Progress(args.steps)
+    completed = False
     try:
         for step in range(start, stop):
             batch = step_fn.shard_batch(synthetic.synthetic_batch(args.seed, step, indices, h, w))
@@ -239,16 +246,19 @@ def cmd_train(args) -> int:
             progress.update(step + 1, loss)
             if ckpt is not None:
                 ckpt.save(state)
-            if interrupted:
-                _log(f"SIGTERM: stopping after step {step + 1}")
+            if stop_signal:
+                _log(f"{stop_signal[0]}: stopping after step {step + 1}")
                 break
+        completed = True
     finally:
         progress.close()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         if ckpt is not None:
-            ckpt.save(state, force=True)
+            # After an error the state may be non-finite or donated: only finish pending writes.
+            if completed and ckpt.save(state, force=True):
+                _log(f"checkpoint of step {int(jax.device_get(state.step))} in {ckpt.directory}")
             ckpt.close()
-            _log(f"checkpoint of step {int(jax.device_get(state.step))} in {ckpt.directory}")
     return 0
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Dict, Hashable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -198,7 +198,7 @@ class TrainState:
         return dataclasses.replace(self, **changes)
 
 
-def _reseed(model: nnx.Module, key: jax.Array) -> None:
+def reseed_streams(model: nnx.Module, key: jax.Array) -> None:
     """Give every random stream of ``model`` (drop path) a key derived from ``key``."""
     tags = sorted({s.key.tag for _, s in nnx.iter_graph(model) if isinstance(s, nnx.RngStream)})
     if tags:
@@ -212,6 +212,9 @@ class TrainStep:
     batch on axis 0 (see :meth:`shard_batch`); ``metrics`` holds ``loss``, ``grad_norm`` and
     whatever ``loss_fn`` returns, replicated. The same code runs on one device, on many, and on
     many hosts: only ``mesh`` changes. Put the model in train mode (``model.train()``) first.
+
+    :meth:`init` hands the model's arrays to the state, and each step donates its input state:
+    afterwards use :meth:`model` (``step.model(state)``), not the original module.
     """
 
     def __init__(
@@ -227,6 +230,7 @@ class TrainStep:
         """``optimizer``: a transformation, or a function of the trained parameters that builds
         one (as :func:`make_optimizer` needs them for its per-parameter factors)."""
         self.mesh = make_mesh() if mesh is None else mesh
+        self.loss_fn = loss_fn
         self.trainable = trainable
         self.graph, params, frozen, batch_stats, self._other = nnx.split(
             model, trainable, nnx.Param, nnx.BatchStat, ...
@@ -246,12 +250,11 @@ class TrainStep:
             out_shardings=(self.replicated, self.replicated),
             donate_argnums=(0,) if donate else (),
         )
-        self.loss_fn = loss_fn
 
     # The pure function that is jitted.
     def _step(self, state: TrainState, other: Any, batch: Batch):
         model = nnx.merge(self.graph, state.params, state.frozen, state.batch_stats, other)
-        _reseed(model, jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step))
+        reseed_streams(model, jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step))
         diff = nnx.DiffState(0, self.trainable)
         (loss, aux), grads = nnx.value_and_grad(self.loss_fn, argnums=diff, has_aux=True)(model, batch)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
@@ -398,7 +401,3 @@ class Checkpoints:
         self._mgr.wait_until_finished()
         self._mgr.close()
 
-
-def flat_state(tree: Any) -> Mapping[str, Any]:
-    """The flat ``{name: leaf}`` view checkpoints use (e.g. to compare two states)."""
-    return _flat(tree)

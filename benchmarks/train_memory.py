@@ -1,0 +1,103 @@
+"""Memory of one jitted train step with and without activation checkpointing (``with_cp``).
+
+    python benchmarks/train_memory.py --preset dinov2_vitb14 --batch 6 --size 256x704
+
+Lowers and compiles the step of ``jax-adapter train``'s model (DinoAdapter + dense head) for an
+abstract model (no weights are materialised) and reads XLA's compiled memory analysis:
+``temp`` is the peak of the step's temporary buffers (activations kept for the backward pass
+among them), ``total`` = arguments + outputs - aliased (donated) + temp. Where the device
+reports allocator statistics (GPU), the peak bytes in use after running the step are recorded
+too. Appends one record per configuration to ``benchmarks/results/train_memory-<backend>.json``.
+
+On CPU, XLA's default concurrency-optimised scheduler is free to run the recomputation of a
+checkpointed block early (the optimisation barriers are gone by then), which hides the saving;
+``XLA_FLAGS=--xla_cpu_enable_concurrency_optimized_scheduler=false`` selects the
+memory-minimising scheduler. Records carry the ``XLA_FLAGS`` they ran with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_adapter import synthetic, training
+from jax_adapter.config import AdapterConfig
+
+
+def measure(cfg: AdapterConfig, batch: int, h: int, w: int, freeze: bool, run: bool) -> dict:
+    make = lambda: synthetic.SegmentationModel(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+    model = make() if run else nnx.eval_shape(make)
+    model.train()
+    step = training.TrainStep(
+        model, synthetic.segmentation_loss,
+        lambda p: training.make_optimizer(training.OptimizerConfig(), p, depth=cfg.depth,
+                                          backbone_path=("backbone",)),
+        trainable=training.trainable_filter(freeze, ("backbone",)),
+        mesh=training.make_mesh(jax.devices()[:1]),
+    )
+    abstract_batch = {
+        "images": jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32, sharding=step.batch_sharding),
+        "masks": jax.ShapeDtypeStruct((batch, h, w), jnp.int32, sharding=step.batch_sharding),
+    }
+    t0 = time.perf_counter()
+    compiled = step.lower(step.abstract_state(), abstract_batch).compile()
+    compile_s = time.perf_counter() - t0
+    ma = compiled.memory_analysis()
+    record = {
+        "compile_s": round(compile_s, 1),
+        "argument_bytes": ma.argument_size_in_bytes, "output_bytes": ma.output_size_in_bytes,
+        "alias_bytes": ma.alias_size_in_bytes, "temp_bytes": ma.temp_size_in_bytes,
+        "total_bytes": ma.argument_size_in_bytes + ma.output_size_in_bytes
+        - ma.alias_size_in_bytes + ma.temp_size_in_bytes,
+    }
+    stats = jax.devices()[0].memory_stats()
+    if run and stats is not None:
+        state = step.init(0)
+        data = step.shard_batch(synthetic.synthetic_batch(0, 0, range(batch), h, w))
+        jax.block_until_ready(step(state, data))
+        record["peak_bytes_in_use"] = jax.devices()[0].memory_stats().get("peak_bytes_in_use")
+    return record
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="dinov2_vits14")
+    p.add_argument("--batch", type=int, default=6)
+    p.add_argument("--size", default="256x704")
+    p.add_argument("--freeze-trunk", action="store_true")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--run", action="store_true",
+                   help="also build real weights and run the step (peak bytes where reported)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = p.parse_args()
+    h, w = (int(v) for v in args.size.split("x"))
+    base = AdapterConfig.preset(args.preset)
+    if args.bf16:
+        base = base.replace(dtype="bfloat16")
+    records = []
+    for remat in (False, True):
+        rec = {
+            "preset": args.preset, "batch": args.batch, "size": [h, w], "remat": remat,
+            "freeze_trunk": args.freeze_trunk, "dtype": base.dtype,
+            "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
+            "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            **measure(base.replace(with_cp=remat), args.batch, h, w, args.freeze_trunk, args.run),
+        }
+        print(json.dumps(rec), flush=True)
+        records.append(rec)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"train_memory-{jax.default_backend()}.json")
+    old = json.load(open(path)) if os.path.exists(path) else []
+    with open(path, "w") as f:
+        json.dump(old + records, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
