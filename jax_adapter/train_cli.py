@@ -27,7 +27,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train",
         help="train the backbone with a small dense head on synthetic data (example, smoke test)",
-        description=__doc__.splitlines()[0],
+        description="Train the backbone with a small dense head on synthetic shapes: the training "
+                    "example and smoke test. One JSON line per step on stdout.",
     )
     t.add_argument("--preset", default="tiny", help="preset name or a config JSON path (default tiny)")
     t.add_argument("--steps", type=int, default=20, help="total number of steps (with --resume too)")

@@ -198,6 +198,26 @@ class TrainState:
         return dataclasses.replace(self, **changes)
 
 
+def replicate(tree: Any, sharding: NamedSharding) -> Any:
+    """Place every array of ``tree`` (the same value on every process) replicated on ``sharding``.
+
+    One process: a device-to-device copy. Several: ``device_put`` accepts only addressable
+    shardings, so each process builds its shards of the global array from its host copy.
+    """
+    def place(x):
+        if not isinstance(x, jax.Array):
+            return x
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = place(jax.random.key_data(x))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(place, tree)
+
+
 def reseed_streams(model: nnx.Module, key: jax.Array) -> None:
     """Give every random stream of ``model`` (drop path) a key derived from ``key``."""
     tags = sorted({s.key.tag for _, s in nnx.iter_graph(model) if isinstance(s, nnx.RngStream)})
@@ -241,9 +261,7 @@ class TrainStep:
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(BATCH_AXIS))
         # Concrete arrays go to the mesh; an abstract model (``nnx.eval_shape``) can still be
         # lowered with :meth:`abstract_state`, e.g. to read the memory a step needs.
-        self._other = jax.tree.map(
-            lambda x: jax.device_put(x, self.replicated) if isinstance(x, jax.Array) else x, self._other
-        )
+        self._other = replicate(self._other, self.replicated)
         self._jitted = jax.jit(
             self._step,
             in_shardings=(self.replicated, self.replicated, self.batch_sharding),
@@ -272,7 +290,7 @@ class TrainStep:
             step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, batch_stats=batch_stats,
             opt_state=self.optimizer.init(params), rng=jax.random.PRNGKey(seed),
         )
-        return jax.device_put(state, self.replicated)
+        return replicate(state, self.replicated)
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of :meth:`init`'s result, without computing it."""

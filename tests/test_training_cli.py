@@ -130,3 +130,32 @@ def test_workdir_with_checkpoints_needs_resume_and_the_same_options(train):
     changed = [a if a != "3" else "4" for a in COMMON]  # another --seed
     proc = subprocess.run(base + changed + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and "differ from the run" in proc.stderr and "seed" in proc.stderr
+
+
+def test_two_processes_give_the_same_losses_as_one(train, tmp_path):
+    # Multi-host data parallelism, emulated by two CPU processes on this machine (one device
+    # each, collectives over gloo): each process generates its half of the global batch.
+    import socket
+
+    one, _, _ = train("one", *COMMON, "--devices", "1")
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    env.pop("XLA_FLAGS", None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "jax_adapter.cli", "train", *COMMON, "--workdir", str(tmp_path),
+             "--distributed", "--coordinator-address", f"localhost:{port}", "--num-processes", "2",
+             "--process-id", str(i)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    records = [json.loads(line) for line in outs[0][0].splitlines() if line.startswith("{")]
+    assert not [line for line in outs[1][0].splitlines() if line.startswith("{")]  # only process 0
+    # Tolerance as for 8 devices: 1e-5 relative.
+    np.testing.assert_allclose([r["loss"] for r in records], [r["loss"] for r in one], rtol=1e-5)
+    assert int(Checkpoints(str(tmp_path)).read()["step"]) == 5
