@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import PartitionSpec
 
 from jax_adapter import ops
 from jax_adapter.layers import DType, compute_dtype
@@ -97,13 +96,8 @@ class MSDeformAttn(nnx.Module):
         offsets = offsets.astype(loc_dtype)
         ref = jnp.broadcast_to(jnp.asarray(reference_points, loc_dtype), (b, q, 2))
 
-        def core(value, ref, offsets, logits):
-            return ops.ms_deform_attn_fused(value, spatial_shapes, ref, offsets, logits, impl=self.impl)
-
-        axis = _batch_axis_in_context()
-        if axis is not None:
-            # Every argument and the result are batch-major: split them all along axis 0.
-            core = jax.shard_map(core, in_specs=PartitionSpec(axis), out_specs=PartitionSpec(axis),
-                                 check_vma=False)
-        out = core(value, ref, offsets, logits)
+        # Under a batch-splitting mesh the core runs per device (ops keeps a Pallas custom_vjp
+        # outside the shard_map).
+        out = ops.ms_deform_attn_fused(value, spatial_shapes, ref, offsets, logits, impl=self.impl,
+                                       batch_axis=_batch_axis_in_context())
         return self.output_proj(out)
