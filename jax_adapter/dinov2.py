@@ -31,9 +31,10 @@ class Attention(nnx.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         # Logits and softmax in float32 whatever the compute dtype.
-        out = jax.nn.dot_product_attention(
-            q, k, v, scale=(d // self.num_heads) ** -0.5
-        ) if x.dtype == jnp.float32 else _attention_f32_softmax(q, k, v)
+        if x.dtype == jnp.float32:
+            out = jax.nn.dot_product_attention(q, k, v, scale=(d // self.num_heads) ** -0.5)
+        else:
+            out = _attention_f32_softmax(q, k, v)
         return self.proj(out.reshape(b, n, d))
 
 

@@ -10,18 +10,14 @@ import pytest
 import torch
 
 import jax_adapter
-from jax_adapter.cli import main
 from convert.keys import to_state_dict
-from conftest import FIXTURES, load_npz
+from conftest import FIXTURES, load_npz, run_cli
 
 TINY_PTH = str(FIXTURES / "seed_adapter_tiny.pth")
 TINY_CFG = str(FIXTURES / "seed_adapter_tiny.json")
 
 
-def run(argv, capsys):
-    rc = main(argv)
-    out = capsys.readouterr()
-    return rc, out.out, out.err
+run = run_cli
 
 
 def test_convert_then_load_pretrained_matches_reference(tmp_path, capsys):

@@ -9,8 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import jax_adapter
-from jax_adapter.cli import main
-from conftest import FIXTURES, load_npz
+from conftest import FIXTURES, load_npz, run_cli, run_cli_ok
 
 TINY_PTH = str(FIXTURES / "seed_adapter_tiny.pth")
 TINY_CFG = str(FIXTURES / "seed_adapter_tiny.json")
@@ -18,17 +17,8 @@ HUB_PTH = str(FIXTURES / "dinov2_tiny_reg4.pth")
 HUB_CFG = str(FIXTURES / "dinov2_tiny_reg4.json")
 
 
-def run(argv, capsys):
-    capsys.readouterr()
-    rc = main(argv)
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def ok(argv, capsys):
-    rc, out, err = run(argv, capsys)
-    assert rc == 0, err
-    return json.loads(out)
+run = run_cli
+ok = run_cli_ok
 
 
 def read(path):

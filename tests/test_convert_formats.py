@@ -13,10 +13,9 @@ import jax_adapter
 from convert.infer import given_fields, infer, resolve
 from convert.keys import slots, to_state_dict
 from convert.sources import from_dinov2_hub
-from jax_adapter.cli import main
 from jax_adapter.config import AdapterConfig, DinoV2Config
 from jax_adapter.pretrained import abstract_model
-from conftest import FIXTURES, load_npz
+from conftest import FIXTURES, load_npz, run_cli, run_cli_ok
 
 TINY_PTH = str(FIXTURES / "seed_adapter_tiny.pth")
 TINY_CFG = str(FIXTURES / "seed_adapter_tiny.json")
@@ -24,17 +23,8 @@ TINY_CFG = str(FIXTURES / "seed_adapter_tiny.json")
 ATOL = 1e-4
 
 
-def run(argv, capsys):
-    capsys.readouterr()
-    rc = main(argv)
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def ok(argv, capsys):
-    rc, out, err = run(argv, capsys)
-    assert rc == 0, err
-    return json.loads(out)
+run = run_cli
+ok = run_cli_ok
 
 
 def chunked(sd, chunks=2):
