@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jax_adapter import AdapterConfig, DinoAdapter
-from jax_adapter.cli import synthetic_image
+from jax_adapter.training.synthetic import street_image
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     def forward(state, images):
         return nnx.merge(graph, state)(images)
 
-    images = np.repeat(synthetic_image(h, w), args.batch, axis=0)
+    images = np.repeat(street_image(h, w), args.batch, axis=0)
     t0 = time.perf_counter()
     compiled = forward.lower(state, images).compile()
     compile_s = time.perf_counter() - t0

@@ -42,9 +42,9 @@ def make_source(path: str) -> dict:
     """A hub-format ViT-g state dict of random values, saved with ``torch.save``."""
     import torch
 
-    from convert.keys import slots
-    from jax_adapter.config import DinoV2Config
-    from jax_adapter.pretrained import abstract_model
+    from jax_adapter.convert.keys import slots
+    from jax_adapter import DinoV2Config
+    from jax_adapter.checkpoint import abstract_model
 
     expected = slots(abstract_model("dinov2", DinoV2Config.preset("dinov2_vitg14")))
     g = torch.Generator().manual_seed(0)
@@ -85,7 +85,7 @@ def check_export(src: str, exported: str) -> dict:
     import numpy as np
     import torch
 
-    from convert.safetensors_io import read_safetensors
+    from jax_adapter.convert.safetensors_io import read_safetensors
 
     ref = torch.load(src, weights_only=True, mmap=True)
     out = read_safetensors(exported)

@@ -4,7 +4,7 @@
     python benchmarks/msda_cpu.py            # full run (a few minutes on 2 cores)
     python benchmarks/msda_cpu.py --quick    # smoke run
 
-Compares ``jax_adapter.ops.ms_deform_attn(..., impl="xla")`` (jitted) with
+Compares ``jax_adapter.nn.msda.ms_deform_attn(..., impl="xla")`` (jitted) with
 ``torch_ms_deform_attn.ms_deform_attn`` (its C++ CPU kernel, with autograd) at the seed shapes of
 the ViT-S adapter at 256x704 with six cameras, in float32. Both implementations first have to
 agree on the outputs and on all three gradients; then forward, backward and forward+backward are
@@ -34,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import jaxlib  # noqa: E402
 import torch  # noqa: E402
 
-from jax_adapter import ops  # noqa: E402
+from jax_adapter.nn import msda as ops
 
 try:
     import torch_ms_deform_attn

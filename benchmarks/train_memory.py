@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_adapter import synthetic, training
-from jax_adapter.config import AdapterConfig
+from jax_adapter import AdapterConfig
 
 
 def measure(cfg: AdapterConfig, batch: int, h: int, w: int, freeze: bool, run: bool) -> dict:

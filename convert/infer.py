@@ -29,7 +29,8 @@ import json
 import math
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from jax_adapter.config import VARIANTS, AdapterConfig, DinoV2Config, dinov2_config_from_hub
+from jax_adapter.models.dinov2 import VARIANTS, DinoV2Config
+from jax_adapter.models.dinov2_adapter import AdapterConfig
 
 TRUNK_FIELDS = tuple(f.name for f in dataclasses.fields(DinoV2Config))
 ADAPTER_FIELDS = tuple(f.name for f in dataclasses.fields(AdapterConfig))
@@ -323,3 +324,31 @@ def variant_name(cfg: Mapping[str, Any]) -> Optional[str]:
             regs = cfg.get("num_register_tokens", 0)
             return f"dinov2_vit{v}14" + ("_reg" if regs == 4 else f"_reg{regs}" if regs else "")
     return None
+
+
+def dinov2_config_from_hub(kwargs: Dict[str, Any]) -> DinoV2Config:
+    """A ``DinoV2Config`` from the DINOv2 hub ``vit_*`` constructor arguments."""
+    known = {"img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "init_values",
+             "ffn_layer", "block_chunks", "num_register_tokens", "interpolate_antialias",
+             "interpolate_offset", "qkv_bias", "proj_bias", "ffn_bias", "drop_path_rate"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ValueError(f"unknown DINOv2 hub arguments: {', '.join(unknown)}")
+    ffn = kwargs.get("ffn_layer", "mlp")
+    if ffn not in ("mlp", "swiglu", "swiglufused"):
+        raise ValueError(f"unsupported DINOv2 ffn_layer {ffn!r}")
+    if kwargs.get("interpolate_antialias", False):
+        mode = "bicubic_size_antialias"
+    elif kwargs.get("interpolate_offset", 0.1):
+        mode = "bicubic_scale_offset"
+    else:
+        mode = "bicubic_size"
+    return DinoV2Config(
+        embed_dim=kwargs.get("embed_dim", 768), depth=kwargs.get("depth", 12),
+        num_heads=kwargs.get("num_heads", 12), mlp_ratio=kwargs.get("mlp_ratio", 4.0),
+        patch_size=kwargs.get("patch_size", 14), pretrain_size=kwargs.get("img_size", 518),
+        num_register_tokens=kwargs.get("num_register_tokens", 0),
+        ffn_layer="mlp" if ffn == "mlp" else "swiglu",
+        layer_scale_init=kwargs.get("init_values", 1.0) or 1.0, pos_embed_resize=mode,
+        drop_path_rate=kwargs.get("drop_path_rate", 0.0),
+    )

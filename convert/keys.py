@@ -20,12 +20,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from convert.tensors import load
-from jax_adapter.layers import BatchNorm2d, ConvTranspose2x2
+from jax_adapter.checkpoint import _is_float, cast_floats, numpy_dtype
+
+from .tensors import load
+from jax_adapter.nn.layers import BatchNorm2d, ConvTranspose2x2
 
 Path = Tuple
 
@@ -174,22 +175,6 @@ def convert_tensors(
         on_tensor(a.nbytes)
         del a
     return out
-
-
-def _is_float(dt: np.dtype) -> bool:
-    return np.issubdtype(dt, np.floating) or dt == np.dtype(ml_dtypes.bfloat16)
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    """``"float32"`` / ``"bfloat16"`` / ... as a numpy dtype (bfloat16 from ml_dtypes)."""
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
-
-
-def cast_floats(a: np.ndarray, dtype: Optional[str]) -> np.ndarray:
-    """``a`` in ``dtype`` if it is floating (integers such as counters are left alone)."""
-    if dtype is None or not _is_float(a.dtype) or a.dtype == numpy_dtype(dtype):
-        return a
-    return a.astype(numpy_dtype(dtype))
 
 
 def torch_arrays(expected: Dict[str, Slot], arrays: Dict[str, np.ndarray], *, pop: bool = False,

@@ -17,13 +17,13 @@ from typing import Any, Dict, Optional, TextIO
 
 import numpy as np
 
-from convert import checkpoint
-from convert.infer import ADAPTER_FIELDS, TRUNK_FIELDS, given_fields, infer, resolve, variant_name
-from convert.keys import cast_floats, check_fit, check_stored, convert_tensors, slots, torch_arrays
-from convert.progress import Progress
-from convert.reader import open_source
-from convert.sources import is_trunk_key, source_names, to_canonical, to_dinov2_hub
-from convert.tensors import nbytes, shape_of
+from jax_adapter import checkpoint
+from .infer import ADAPTER_FIELDS, TRUNK_FIELDS, given_fields, infer, resolve, variant_name
+from .keys import cast_floats, check_fit, check_stored, convert_tensors, slots, torch_arrays
+from .progress import Progress
+from .reader import open_source
+from .sources import is_trunk_key, source_names, to_canonical, to_dinov2_hub
+from .tensors import nbytes, shape_of
 
 EXPORT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _BATCH_STATS = (".mean", ".var", ".num_batches_tracked", "running_mean", "running_var")
@@ -75,7 +75,7 @@ def convert_file(
     ``"bfloat16"``) is the stored arrays' dtype (default: the config's ``param_dtype``).
     ``progress``: the stream for progress bars (default stderr, shown only on a terminal).
     """
-    from jax_adapter.pretrained import abstract_model, init_arrays
+    from jax_adapter.checkpoint import abstract_model, init_arrays
 
     checkpoint.check_destination(dst, overwrite)
     kind = "dinov2" if trunk_only else "adapter"
@@ -142,9 +142,9 @@ def export_checkpoint(
     (with a zero ``mask_token``, which the hub model expects and never uses at inference).
     Arrays keep their stored dtype unless ``dtype``; counters are int64, as in PyTorch.
     """
-    from convert.safetensors_io import write_safetensors
-    from convert.torch_io import write_pth
-    from jax_adapter.pretrained import abstract_model
+    from .safetensors_io import write_safetensors
+    from .torch_io import write_pth
+    from jax_adapter.checkpoint import abstract_model
 
     if not out.lower().endswith(EXPORT_SUFFIXES):
         raise ValueError(f"{out}: unknown output format (expected {', '.join(EXPORT_SUFFIXES)})")

@@ -13,8 +13,8 @@ import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from convert import safetensors_io, torch_io
-from convert.sources import detect_format
+from . import safetensors_io, torch_io
+from .sources import detect_format
 
 # (position embedding, patch embedding) key pairs that mark a backbone, by naming scheme.
 _ANCHORS = (

@@ -16,7 +16,7 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
-from convert.tensors import DTYPE_NAMES, DTYPES
+from .tensors import DTYPE_NAMES, DTYPES
 
 _MAX_HEADER = 100 << 20  # the reference implementation's limit
 

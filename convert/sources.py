@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Tuple
 
 import numpy as np
 
-from convert.tensors import ArrayTensor, concat
+from .tensors import ArrayTensor, concat
 
 FORMATS = ("dinoadapter", "dinov2_hub", "hf_dinov2", "hf_dinov2_with_registers")
 

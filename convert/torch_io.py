@@ -14,7 +14,7 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
-from convert.tensors import DTYPES
+from .tensors import DTYPES
 
 # Keys that hold the model inside training checkpoints (detectors, mmengine, DINOv2 trainers).
 _NESTED = ("state_dict", "model", "teacher", "module")

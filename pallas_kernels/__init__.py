@@ -6,7 +6,7 @@ raw logits. Both are differentiable (``jax.custom_vjp`` with Pallas backward ker
 interpreted where there is no GPU.
 """
 
-from pallas_kernels.fused import ms_deform_attn_fused
-from pallas_kernels.sampling import ms_deform_attn
+from .fused import ms_deform_attn_fused
+from .sampling import ms_deform_attn
 
 __all__ = ["ms_deform_attn", "ms_deform_attn_fused"]

@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 from jax.sharding import PartitionSpec
 
-from pallas_kernels._common import (
+from ._common import (
     Config, Dims, Shapes, compiler_params, compute_dtype, corners, load, query_block, store,
 )
 

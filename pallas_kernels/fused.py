@@ -13,9 +13,9 @@ from typing import Any, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import _kernels
-from pallas_kernels._common import Config, Dims, at, load, resolve_interpret, static_shapes, store
-from pallas_kernels._kernels import Samples
+from . import _kernels
+from ._common import Config, Dims, at, load, resolve_interpret, static_shapes, store
+from ._kernels import Samples
 
 
 class _Fused:

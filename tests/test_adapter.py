@@ -10,7 +10,7 @@ from flax import nnx
 
 import jax_adapter
 from jax_adapter import AdapterConfig, DinoAdapter, compute_geometry
-from jax_adapter.deform_attn import MSDeformAttn
+from jax_adapter.nn.deform_attn import MSDeformAttn
 from conftest import FIXTURES
 
 TINY = AdapterConfig(**json.loads((FIXTURES / "seed_adapter_tiny.json").read_text()))

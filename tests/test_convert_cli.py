@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import jax_adapter
-from convert.keys import to_state_dict
+from jax_adapter.convert.keys import to_state_dict
 from conftest import FIXTURES, load_npz, run_cli
 
 TINY_PTH = str(FIXTURES / "seed_adapter_tiny.pth")
@@ -225,8 +225,8 @@ def test_inspect_sources_and_checkpoints(tmp_path, capsys):
 def test_progress_bar_on_a_terminal(tmp_path, capsys, monkeypatch):
     import io
 
-    from convert import progress
-    from convert.pipeline import convert_file
+    from jax_adapter.convert import progress
+    from jax_adapter.convert.pipeline import convert_file
 
     class Tty(io.StringIO):
         def isatty(self):

@@ -153,8 +153,8 @@ def test_export_of_a_damaged_checkpoint_writes_nothing(tmp_path, capsys):
 
 def test_a_model_in_memory_saves_and_exports(tmp_path, capsys):
     """After training in JAX: ``checkpoint.save(dst, model, ...)`` then ``export``."""
-    from convert import checkpoint
-    from convert.keys import to_state_dict
+    from jax_adapter import checkpoint
+    from jax_adapter.convert.keys import to_state_dict
 
     ckpt = str(tmp_path / "ckpt")
     ok(["convert", TINY_PTH, ckpt, "--config", TINY_CFG], capsys)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import jax_adapter
-from convert.infer import given_fields, infer, resolve
-from convert.keys import slots, to_state_dict
-from convert.sources import from_dinov2_hub
-from jax_adapter.config import AdapterConfig, DinoV2Config
-from jax_adapter.pretrained import abstract_model
+from jax_adapter.convert.infer import given_fields, infer, resolve
+from jax_adapter.convert.keys import slots, to_state_dict
+from jax_adapter.convert.sources import from_dinov2_hub
+from jax_adapter import AdapterConfig, DinoV2Config
+from jax_adapter.checkpoint import abstract_model
 from conftest import FIXTURES, load_npz, run_cli, run_cli_ok
 
 TINY_PTH = str(FIXTURES / "seed_adapter_tiny.pth")

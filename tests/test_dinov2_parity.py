@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jax_adapter.config import dinov2_config_from_hub
-from jax_adapter.dinov2 import DinoV2
-from convert.keys import load_state_dict
-from convert.sources import from_dinov2_hub
-from convert.torch_io import read_pth, to_numpy
+from jax_adapter.convert.infer import dinov2_config_from_hub
+from jax_adapter.models.dinov2 import DinoV2
+from jax_adapter.convert.keys import load_state_dict
+from jax_adapter.convert.sources import from_dinov2_hub
+from jax_adapter.convert.torch_io import read_pth, to_numpy
 from conftest import FIXTURES, load_npz
 
 # Outputs are LayerNorm-ed tokens, O(1); a faithful float32 port lands within 1e-4 absolute.

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from jax_adapter.geometry import compute_geometry, reference_points
+from jax_adapter.nn.geometry import compute_geometry, reference_points
 from conftest import FIXTURES
 
 GOLDEN = json.loads((FIXTURES / "seed_adapter_geometry.json").read_text())

@@ -17,7 +17,7 @@ from transformers import (Dinov2Config, Dinov2ForImageClassification, Dinov2Mode
                           Dinov2WithRegistersConfig, Dinov2WithRegistersModel)
 
 import jax_adapter
-from convert.keys import to_state_dict
+from jax_adapter.convert.keys import to_state_dict
 from jax_adapter.cli import main
 
 # last_hidden_state is LayerNorm-ed, O(1); float32 ports agree to ~1e-6, the resize included.

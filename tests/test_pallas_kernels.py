@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import pallas_kernels
-from pallas_kernels._common import resolve_interpret
-from jax_adapter import ops
-from jax_adapter.msda_xla import ms_deform_attn_xla
+from jax_adapter import pallas_kernels
+from jax_adapter.pallas_kernels._common import resolve_interpret
+from jax_adapter.nn import msda as ops
+from jax_adapter.nn.msda_xla import ms_deform_attn_xla
 from conftest import load_npz, rel_err
 
 INTERPRET = jax.default_backend() != "gpu"

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jax_adapter.adapter import DinoAdapter
-from jax_adapter.config import AdapterConfig
-from convert.keys import key_table, load_state_dict
-from convert.torch_io import find_state_dict, read_pth, to_numpy
+from jax_adapter.models.dinov2_adapter import DinoAdapter
+from jax_adapter import AdapterConfig
+from jax_adapter.convert.keys import key_table, load_state_dict
+from jax_adapter.convert.torch_io import find_state_dict, read_pth, to_numpy
 from conftest import FIXTURES, load_npz, rel_err
 
 

@@ -14,12 +14,13 @@ import optax
 import pytest
 from flax import nnx
 
-from convert.keys import key_table, load_state_dict
-from convert.torch_io import find_state_dict, read_pth, to_numpy
+from jax_adapter.convert.keys import key_table, load_state_dict
+from jax_adapter.convert.torch_io import find_state_dict, read_pth, to_numpy
 from conftest import FIXTURES, load_npz, rel_err
-from jax_adapter import synthetic, training
-from jax_adapter.adapter import DinoAdapter
-from jax_adapter.config import AdapterConfig
+from jax_adapter import training
+from jax_adapter.training import synthetic
+from jax_adapter.models.dinov2_adapter import DinoAdapter
+from jax_adapter import AdapterConfig
 
 TINY = AdapterConfig.preset("tiny")
 BACKBONE = ("backbone",)
@@ -229,7 +230,7 @@ def test_remat_gives_the_same_losses(frozen_runs):
 def test_drop_path_masks_come_from_the_step_key():
     # Every random stream gets a key derived from fold_in(rng, step): the same key gives the
     # same masks, another key other masks, and each drop-path layer its own stream.
-    from jax_adapter.layers import drop_path
+    from jax_adapter.nn.layers import drop_path
 
     class Two(nnx.Module):
         def __init__(self):

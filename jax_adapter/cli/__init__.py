@@ -19,7 +19,8 @@ class CliError(Exception):
 
 
 def _config(args):
-    from jax_adapter.config import AdapterConfig, load_config_file
+    from jax_adapter import AdapterConfig
+    from jax_adapter.presets import load_config_file
 
     if args.config and args.preset:
         raise CliError("give --config or --preset, not both")
@@ -31,7 +32,7 @@ def _config(args):
 
 
 def cmd_convert(args) -> int:
-    from convert.pipeline import convert_file
+    from jax_adapter.convert.pipeline import convert_file
 
     prov = convert_file(args.src, args.dst, args.config, preset=args.preset, prefix=args.prefix,
                         trunk_only=args.trunk_only, overwrite=args.overwrite, dtype=args.dtype)
@@ -40,7 +41,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from convert.pipeline import export_checkpoint
+    from jax_adapter.convert.pipeline import export_checkpoint
 
     print(json.dumps(export_checkpoint(args.ckpt, args.out, dinov2_only=args.dinov2_only,
                                        overwrite=args.overwrite, dtype=args.dtype)))
@@ -48,29 +49,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from convert.pipeline import format_info, inspect_path
+    from jax_adapter.convert.pipeline import format_info, inspect_path
 
     info = inspect_path(args.path, prefix=args.prefix)
     print(json.dumps(info, indent=1) if args.json else format_info(info))
     return 0
-
-
-def synthetic_image(h: int, w: int):
-    """A deterministic street-like test picture (sky, road, boxes), ImageNet-normalised NHWC."""
-    import numpy as np
-
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.zeros((h, w, 3), np.float32)
-    horizon = 0.45 * h
-    img[..., 0] = np.where(y < horizon, 0.5 + 0.3 * y / h, 0.35)
-    img[..., 1] = np.where(y < horizon, 0.7 + 0.2 * y / h, 0.35)
-    img[..., 2] = np.where(y < horizon, 0.95, 0.38 + 0.05 * np.sin(x / 7.0))
-    for k, (cx, cy, bw, bh) in enumerate(((0.2, 0.6, 0.12, 0.15), (0.55, 0.58, 0.08, 0.1), (0.8, 0.65, 0.15, 0.2))):
-        box = (np.abs(x / w - cx) < bw / 2) & (np.abs(y / h - cy) < bh / 2)
-        img[box] = ((0.8, 0.1, 0.1), (0.1, 0.3, 0.8), (0.9, 0.9, 0.9))[k]
-    mean = np.array([0.485, 0.456, 0.406], np.float32)
-    std = np.array([0.229, 0.224, 0.225], np.float32)
-    return ((img - mean) / std)[None]
 
 
 def cmd_demo(args) -> int:
@@ -78,15 +61,16 @@ def cmd_demo(args) -> int:
     import numpy as np
     from flax import nnx
 
-    from jax_adapter.adapter import DinoAdapter
-    from jax_adapter.pretrained import load_pretrained
+    from jax_adapter.checkpoint import load_pretrained
+    from jax_adapter.models.dinov2_adapter import DinoAdapter
+    from jax_adapter.training.synthetic import street_image
 
     if args.checkpoint:
         model = load_pretrained(args.checkpoint)
         name = args.checkpoint
     else:
         cfg = _config(args) if (args.config or args.preset) else None
-        from jax_adapter.config import AdapterConfig
+        from jax_adapter import AdapterConfig
 
         cfg = cfg or AdapterConfig.preset("dinov2_vits14")
         model = DinoAdapter(cfg, rngs=nnx.Rngs(args.seed))
@@ -103,7 +87,7 @@ def cmd_demo(args) -> int:
           f"backend {jax.default_backend()}")
     for h, w in sizes:
         geom = model.geometry(h, w)
-        images = np.repeat(synthetic_image(h, w), args.batch, axis=0)
+        images = np.repeat(street_image(h, w), args.batch, axis=0)
         t0 = time.perf_counter()
         compiled = forward.lower(state, images).compile()
         t1 = time.perf_counter()
@@ -173,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
 
-    from jax_adapter.train_cli import add_parser as add_train_parser
+    from jax_adapter.cli.train import add_parser as add_train_parser
 
     add_train_parser(sub)
     return p

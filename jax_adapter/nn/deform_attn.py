@@ -10,19 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_adapter import ops
-from jax_adapter.layers import DType, compute_dtype
-
-# Name of the device-mesh axis that splits the batch in data-parallel training.
-BATCH_AXIS = "data"
-
-
-def _batch_axis_in_context():
-    """``BATCH_AXIS`` when the mesh set with ``jax.set_mesh`` splits the batch over it, else None."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or BATCH_AXIS not in mesh.axis_names or mesh.shape[BATCH_AXIS] == 1:
-        return None
-    return BATCH_AXIS
+from jax_adapter.nn import msda
+from jax_adapter.nn.layers import DType, compute_dtype
+from jax_adapter.sharding import batch_axis_in_context
 
 
 def _offset_bias(n_heads: int, n_levels: int, n_points: int) -> np.ndarray:
@@ -98,6 +88,6 @@ class MSDeformAttn(nnx.Module):
 
         # Under a batch-splitting mesh the core runs per device (ops keeps a Pallas custom_vjp
         # outside the shard_map).
-        out = ops.ms_deform_attn_fused(value, spatial_shapes, ref, offsets, logits, impl=self.impl,
-                                       batch_axis=_batch_axis_in_context())
+        out = msda.ms_deform_attn_fused(value, spatial_shapes, ref, offsets, logits, impl=self.impl,
+                                       batch_axis=batch_axis_in_context())
         return self.output_proj(out)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Tuple
+from typing import Any, Protocol, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_adapter.config import AdapterConfig
-from jax_adapter.deform_attn import MSDeformAttn
-from jax_adapter.geometry import AdapterGeometry
-from jax_adapter.layers import DType, conv, drop_path, gelu, layer_norm, linear
+from jax_adapter.nn.deform_attn import MSDeformAttn
+from jax_adapter.nn.geometry import AdapterGeometry
+from jax_adapter.nn.layers import DType, conv, drop_path, gelu, layer_norm, linear
 
 
 def run(module: nnx.Module, *args: jax.Array, remat: bool = False, **static: Any):
@@ -25,7 +24,24 @@ def run(module: nnx.Module, *args: jax.Array, remat: bool = False, **static: Any
     return nnx.remat(lambda m, *a: m(*a, **static))(module, *args)
 
 
-def _dtypes(cfg: AdapterConfig) -> dict:
+class InteractionConfig(Protocol):
+    """The fields the interaction parts read; both adapter configs have them."""
+
+    embed_dim: int
+    deform_num_heads: int
+    n_points: int
+    deform_ratio: float
+    init_values: float
+    with_cffn: bool
+    cffn_ratio: float
+    drop_path_rate: float
+    with_cp: bool
+    msda_impl: str
+    dtype: str
+    param_dtype: str
+
+
+def _dtypes(cfg: InteractionConfig) -> dict:
     return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
 
 
@@ -70,7 +86,7 @@ class Injector(nnx.Module):
     ``x [B, Hv*Wv, D]`` (patch tokens), ``c [B, c2+c3+c4, D]`` -> ``[B, Hv*Wv, D]``.
     """
 
-    def __init__(self, cfg: AdapterConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: InteractionConfig, *, rngs: nnx.Rngs):
         d = cfg.embed_dim
         self.query_norm = layer_norm(d, rngs=rngs, **_dtypes(cfg))
         self.feat_norm = layer_norm(d, rngs=rngs, **_dtypes(cfg))
@@ -90,7 +106,7 @@ class Extractor(nnx.Module):
     ``c [B, c2+c3+c4, D]``, ``x [B, Hv*Wv, D]`` -> ``[B, c2+c3+c4, D]``.
     """
 
-    def __init__(self, cfg: AdapterConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: InteractionConfig, *, rngs: nnx.Rngs):
         d = cfg.embed_dim
         self.query_norm = layer_norm(d, rngs=rngs, **_dtypes(cfg))
         self.feat_norm = layer_norm(d, rngs=rngs, **_dtypes(cfg))
@@ -118,7 +134,7 @@ class InteractionBlock(nnx.Module):
     each ViT block and each extractor are checkpointed (recomputed in the backward pass).
     """
 
-    def __init__(self, cfg: AdapterConfig, extra_extractors: bool, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: InteractionConfig, extra_extractors: bool, *, rngs: nnx.Rngs):
         self.with_cp = cfg.with_cp
         self.injector = Injector(cfg, rngs=rngs)
         self.extractor = Extractor(cfg, rngs=rngs)

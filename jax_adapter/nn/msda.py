@@ -8,7 +8,7 @@ weights the samples by ``attention_weights`` and sums over levels and points.
 (reference points, raw offsets, raw logits), so that a kernel can form the locations and the
 softmax on the fly.
 
-Implementations: ``"xla"`` (:mod:`jax_adapter.msda_xla`, everywhere) and ``"pallas"``
+Implementations: ``"xla"`` (:mod:`jax_adapter.nn.msda_xla`, everywhere) and ``"pallas"``
 (:mod:`pallas_kernels`, GPU; interpret mode on CPU). ``"auto"`` reads the environment variable
 ``JAX_ADAPTER_MSDA_IMPL`` and otherwise picks Pallas on GPU, XLA elsewhere.
 """
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from jax_adapter.msda_xla import ms_deform_attn_xla
+from jax_adapter.nn.msda_xla import ms_deform_attn_xla
 
 IMPLS = ("auto", "xla", "pallas")
 IMPL_ENV = "JAX_ADAPTER_MSDA_IMPL"
@@ -117,7 +117,7 @@ def ms_deform_attn(
             f"attention_weights must be {sampling_locations.shape[:-1]}, got {attention_weights.shape}"
         )
     if resolve_impl(impl) == "pallas":
-        import pallas_kernels
+        from jax_adapter import pallas_kernels
 
         return pallas_kernels.ms_deform_attn(value, shapes, sampling_locations, attention_weights,
                                              mesh=mesh, batch_axis=batch_axis)
@@ -179,7 +179,7 @@ def ms_deform_attn_fused(
     if logits.shape != (b, q, m, n_l * n_p):
         raise ValueError(f"logits must be {(b, q, m, n_l * n_p)}, got {logits.shape}")
     if resolve_impl(impl) == "pallas":
-        import pallas_kernels
+        from jax_adapter import pallas_kernels
 
         return pallas_kernels.ms_deform_attn_fused(value, shapes, reference_points, offsets, logits,
                                                    mesh=mesh, batch_axis=batch_axis)

@@ -1,4 +1,5 @@
-"""A synthetic dense-prediction task for smoke-testing training: shapes on noisy backgrounds,
+"""Synthetic data for the examples: the demo's street picture, and a dense-prediction task for
+smoke-testing training: shapes on noisy backgrounds,
 their masks as the target, and a small segmentation head on the backbone.
 
 Every sample is a pure function of ``(seed, step, index in the global batch)``, so a resumed or
@@ -14,11 +15,28 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_adapter.adapter import DinoAdapter
-from jax_adapter.config import AdapterConfig
-from jax_adapter.layers import linear
+from jax_adapter.models.dinov2_adapter import DinoAdapter
+from jax_adapter.models.dinov2_adapter import AdapterConfig
+from jax_adapter.nn.layers import linear
 
 CLASSES = ("background", "rectangle", "ellipse")
+
+
+def street_image(h: int, w: int) -> np.ndarray:
+    """A deterministic street-like picture (sky, road, boxes), ImageNet-normalised:
+    ``[1, h, w, 3]`` float32. The demo's input."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    horizon = 0.45 * h
+    img[..., 0] = np.where(y < horizon, 0.5 + 0.3 * y / h, 0.35)
+    img[..., 1] = np.where(y < horizon, 0.7 + 0.2 * y / h, 0.35)
+    img[..., 2] = np.where(y < horizon, 0.95, 0.38 + 0.05 * np.sin(x / 7.0))
+    for k, (cx, cy, bw, bh) in enumerate(((0.2, 0.6, 0.12, 0.15), (0.55, 0.58, 0.08, 0.1), (0.8, 0.65, 0.15, 0.2))):
+        box = (np.abs(x / w - cx) < bw / 2) & (np.abs(y / h - cy) < bh / 2)
+        img[box] = ((0.8, 0.1, 0.1), (0.1, 0.3, 0.8), (0.9, 0.9, 0.9))[k]
+    mean = np.array([0.485, 0.456, 0.406], np.float32)
+    std = np.array([0.229, 0.224, 0.225], np.float32)
+    return ((img - mean) / std)[None]
 
 
 def synthetic_sample(seed: int, step: int, index: int, h: int, w: int) -> Tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
+# How the pretraining position grid is resized to the token grid (SPEC section 6).
+POS_RESIZE_MODES = (
+    "bicubic_size",  # size-based bicubic, no antialias: the DinoAdapter, Hugging Face Dinov2Model
+    "bicubic_scale_offset",  # scale factor (grid + offset) / M, no antialias: hub models without registers
+    "bicubic_size_antialias",  # size-based bicubic with antialias: hub and HF register models
+)
+
 def _cubic(x: np.ndarray, a: float) -> np.ndarray:
     x = np.abs(x)
     near = ((a + 2) * x - (a + 3)) * x * x + 1
@@ -105,7 +112,7 @@ def resize_pos_embed(
 ) -> jax.Array:
     """Resize a square pretraining position grid ``[1, M*M, D]`` to ``grid`` -> ``[1, Hg*Wg, D]``.
 
-    ``mode`` is one of :data:`jax_adapter.config.POS_RESIZE_MODES`.
+    ``mode`` is one of :data:`POS_RESIZE_MODES`.
     """
     n, d = pos.shape[1], pos.shape[2]
     m = math.isqrt(n)

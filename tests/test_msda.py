@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_adapter import ops
+from jax_adapter.nn import msda as ops
 from conftest import load_npz, rel_err
 
 

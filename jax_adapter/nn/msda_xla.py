@@ -210,7 +210,7 @@ def ms_deform_attn_xla(
     sampling_locations: jax.Array,
     attention_weights: jax.Array,
 ) -> jax.Array:
-    """Pure-XLA sampling core; see :func:`jax_adapter.ops.ms_deform_attn` (inputs unchecked).
+    """Pure-XLA sampling core; see :func:`jax_adapter.nn.msda.ms_deform_attn` (inputs unchecked).
 
     Differentiable in reverse mode (``custom_vjp``); forward-mode AD is not supported.
     """

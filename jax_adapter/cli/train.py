@@ -1,6 +1,6 @@
 """``jax-adapter train``: the training example and smoke test.
 
-A :class:`~jax_adapter.synthetic.SegmentationModel` (DinoAdapter + a small dense head) learns
+A :class:`~jax_adapter.training.synthetic.SegmentationModel` (DinoAdapter + a small dense head) learns
 the masks of synthetic shapes, generated on the fly from ``(seed, step)``. One JSON line per
 step on stdout (``step``, ``loss``, ``accuracy``, ``step_time_s``); a progress bar on stderr
 when it is a terminal. Checkpoints go to ``--workdir``; ``--resume`` continues from the latest.
@@ -90,7 +90,8 @@ def _setup_devices(args) -> None:
 
 
 def _load_config(preset: str):
-    from jax_adapter.config import PRESETS, AdapterConfig, load_config_file
+    from jax_adapter import AdapterConfig
+    from jax_adapter.presets import PRESETS, load_config_file
 
     if preset in PRESETS:
         return AdapterConfig.preset(preset)
@@ -145,7 +146,8 @@ def cmd_train(args) -> int:
     import numpy as np
     from flax import nnx
 
-    from jax_adapter import synthetic, training
+    from jax_adapter import training
+    from jax_adapter.training import synthetic
 
     devices = jax.devices()
     n = args.devices or len(devices)

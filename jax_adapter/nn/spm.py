@@ -1,7 +1,7 @@
 """The Spatial Prior Module: a small conv stem giving maps at strides 4, 8, 16 and 32.
 
 Module paths mirror the PyTorch ``nn.Sequential`` indices (``stem.0`` conv, ``stem.1`` BN, ...).
-Each stride-2 op maps ``n -> ceil(n / 2)``; :mod:`jax_adapter.geometry` predicts the same sizes.
+Each stride-2 op maps ``n -> ceil(n / 2)``; :mod:`jax_adapter.nn.geometry` predicts the same sizes.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Tuple
 import jax
 from flax import nnx
 
-from jax_adapter.geometry import AdapterGeometry
-from jax_adapter.layers import DType, BatchNorm2d, MaxPool3x3s2, ReLU, conv, run_sequential
+from jax_adapter.nn.geometry import AdapterGeometry
+from jax_adapter.nn.layers import DType, BatchNorm2d, MaxPool3x3s2, ReLU, conv, run_sequential
 
 
 def _conv_bn_relu(din: int, dout: int, stride: int, *, rngs: nnx.Rngs, **dt):

@@ -5,75 +5,89 @@ Module paths mirror the hub ``state_dict`` (``blocks.N.attn.qkv``, ``blocks.N.ls
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Any, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_adapter.config import DinoV2Config
-from jax_adapter.images import check_images
-from jax_adapter.layers import DType, compute_dtype, drop_path, gelu, layer_norm, linear
-from jax_adapter.resize import resize_pos_embed
+from jax_adapter.errors import ConfigError
+from jax_adapter.models.common import (
+    COMPUTE_DTYPES, PARAM_DTYPES, TrunkOutput, check_choice, config_from_dict,
+)
+from jax_adapter.nn.resize import POS_RESIZE_MODES
+from jax_adapter.nn.images import check_images
+from jax_adapter.nn.layers import drop_path, layer_norm
+from jax_adapter.nn.vit import Attention, LayerScale, Mlp, PatchEmbed, SwiGLU
+from jax_adapter.nn.resize import resize_pos_embed
 
 
-class Attention(nnx.Module):
-    """Multi-head self-attention with a fused ``qkv`` projection; ``[B, N, D] -> [B, N, D]``."""
-
-    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: DType = None,
-                 param_dtype: DType = jnp.float32):
-        self.num_heads = num_heads
-        self.qkv = linear(dim, 3 * dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.proj = linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        # Logits and softmax in float32 whatever the compute dtype.
-        if x.dtype == jnp.float32:
-            out = jax.nn.dot_product_attention(q, k, v, scale=(d // self.num_heads) ** -0.5)
-        else:
-            out = _attention_f32_softmax(q, k, v)
-        return self.proj(out.reshape(b, n, d))
+FFN_LAYERS = ("mlp", "swiglu")
+# embed_dim, depth, num_heads, ffn_layer of the four DINOv2 variants.
+VARIANTS: Dict[str, Tuple[int, int, int, str]] = {
+    "s": (384, 12, 6, "mlp"),
+    "b": (768, 12, 12, "mlp"),
+    "l": (1024, 24, 16, "mlp"),
+    "g": (1536, 40, 24, "swiglu"),
+}
 
 
-def _attention_f32_softmax(q, k, v):
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", p, v)
 
+@dataclasses.dataclass(frozen=True)
+class DinoV2Config:
+    """The DINOv2 ViT trunk (patch 14, cls token, optional register tokens)."""
 
-class Mlp(nnx.Module):
-    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: DType = None,
-                 param_dtype: DType = jnp.float32):
-        self.fc1 = linear(dim, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc2 = linear(hidden, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    patch_size: int = 14
+    pretrain_size: int = 518
+    num_register_tokens: int = 0
+    ffn_layer: str = "mlp"
+    layer_scale_init: float = 1.0
+    pos_embed_resize: str = "bicubic_scale_offset"
+    drop_path_rate: float = 0.0
+    # Compute dtype of matmuls and convolutions, and storage dtype of the parameters.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(gelu(self.fc1(x)))
+    def __post_init__(self):
+        check_choice("ffn_layer", self.ffn_layer, FFN_LAYERS)
+        check_choice("pos_embed_resize", self.pos_embed_resize, POS_RESIZE_MODES)
+        check_choice("dtype", self.dtype, COMPUTE_DTYPES)
+        check_choice("param_dtype", self.param_dtype, PARAM_DTYPES)
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.pretrain_size % self.patch_size:
+            raise ConfigError(f"pretrain_size {self.pretrain_size} is not a multiple of patch_size {self.patch_size}")
 
+    @property
+    def pretrain_grid(self) -> int:
+        return self.pretrain_size // self.patch_size
 
-class SwiGLU(nnx.Module):
-    """DINOv2's fused SwiGLU FFN (ViT-g): ``w12`` -> (a, b), ``silu(a) * b``, ``w3``."""
+    @property
+    def ffn_hidden(self) -> int:
+        hidden = int(self.embed_dim * self.mlp_ratio)
+        if self.ffn_layer == "swiglu":
+            # DINOv2's SwiGLUFFNFused: 2/3 of the MLP width, rounded up to a multiple of 8.
+            hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        return hidden
 
-    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: DType = None,
-                 param_dtype: DType = jnp.float32):
-        self.w12 = linear(dim, 2 * hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.w3 = linear(hidden, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        a, b = jnp.split(self.w12(x), 2, axis=-1)
-        return self.w3(jax.nn.silu(a) * b)
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "DinoV2Config":
+        return config_from_dict(cls, d)
 
+    @classmethod
+    def preset(cls, name: str) -> "DinoV2Config":
+        """The trunk of a named preset (``dinov2_vitb14``, ``dinov2_vitg14_reg``, ...)."""
+        from jax_adapter import presets
 
-class LayerScale(nnx.Module):
-    def __init__(self, dim: int, init: float, param_dtype: DType = jnp.float32):
-        self.gamma = nnx.Param(jnp.full((dim,), init, param_dtype))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return x * self.gamma[...].astype(x.dtype)
+        return presets.trunk_config(name)
 
 
 class Block(nnx.Module):
@@ -94,21 +108,6 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
-
-
-class PatchEmbed(nnx.Module):
-    """Non-overlapping ``p x p`` patches: ``[B, H, W, 3] -> [B, H/p, W/p, D]``."""
-
-    def __init__(self, patch: int, dim: int, *, rngs: nnx.Rngs, dtype: DType = None,
-                 param_dtype: DType = jnp.float32):
-        self.proj = nnx.Conv(
-            3, dim, (patch, patch), strides=patch, padding="VALID",
-            kernel_init=nnx.initializers.lecun_normal(), dtype=compute_dtype(dtype),
-            param_dtype=jnp.dtype(param_dtype), rngs=rngs,
-        )
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.proj(x)
 
 
 def add_trunk_parameters(module: nnx.Module, cfg: DinoV2Config, *, rngs: nnx.Rngs) -> None:
@@ -154,12 +153,8 @@ def embed_tokens(module: nnx.Module, cfg: DinoV2Config, images: jax.Array):
     return jnp.concatenate(prefix, axis=1).astype(x.dtype), x, grid
 
 
-class DinoV2Output(NamedTuple):
-    """Final-normalised tokens: ``cls [B, D]``, ``registers [B, R, D]``, ``patches [B, N, D]``."""
-
-    cls: jax.Array
-    registers: jax.Array
-    patches: jax.Array
+# The DINOv2 trunk's output (the same type for every trunk family).
+DinoV2Output = TrunkOutput
 
 
 class DinoV2(nnx.Module):
@@ -184,4 +179,4 @@ class DinoV2(nnx.Module):
             x = blk(x)
         x = self.norm(x)
         r = self.cfg.num_register_tokens
-        return DinoV2Output(cls=x[:, 0], registers=x[:, 1:1 + r], patches=x[:, 1 + r:])
+        return TrunkOutput(cls=x[:, 0], registers=x[:, 1:1 + r], patches=x[:, 1 + r:])

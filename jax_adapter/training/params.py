@@ -1,0 +1,83 @@
+"""Parameter groups: which parameters train, their layer ids (layer-wise lr decay) and
+which get weight decay."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Hashable, Optional, Sequence, Tuple
+
+import jax
+from flax import nnx
+
+Path = Tuple[Hashable, ...]
+Batch = Any
+# ``loss_fn(model, batch) -> (scalar loss, {name: scalar})``; it runs the model in train mode.
+LossFn = Callable[[nnx.Module, Batch], Tuple[jax.Array, Dict[str, jax.Array]]]
+
+# Top-level names of the DINOv2 trunk inside a DinoAdapter (or DinoV2).
+EMBEDDING_NAMES = ("patch_embed", "cls_token", "pos_embed", "register_tokens")
+TRUNK_NAMES = EMBEDDING_NAMES + ("blocks", "norm")
+# Parameters without weight decay besides vectors (biases, norms, LayerScale, gamma).
+NO_DECAY_NAMES = ("cls_token", "pos_embed", "register_tokens", "level_embed")
+
+
+
+def _relative(path: Sequence[Hashable], backbone_path: Sequence[Hashable]) -> Optional[Path]:
+    """``path`` below ``backbone_path``, or ``None`` when it lies outside the backbone."""
+    n = len(backbone_path)
+    return tuple(path[n:]) if tuple(path[:n]) == tuple(backbone_path) else None
+
+
+def is_trunk(path: Sequence[Hashable], backbone_path: Sequence[Hashable] = ()) -> bool:
+    """Whether a state path belongs to the DINOv2 trunk of the backbone at ``backbone_path``."""
+    rel = _relative(path, backbone_path)
+    return bool(rel) and rel[0] in TRUNK_NAMES
+
+
+def trainable_filter(freeze_trunk: bool = False, backbone_path: Sequence[Hashable] = ()):
+    """NNX filter of the trained parameters: all ``nnx.Param`` or all but the trunk's."""
+    if not freeze_trunk:
+        return nnx.Param
+    bp = tuple(backbone_path)
+    return nnx.All(nnx.Param, nnx.Not(lambda path, _: is_trunk(path, bp)))
+
+
+def layer_id(path: Sequence[Hashable], depth: int, backbone_path: Sequence[Hashable] = ()) -> int:
+    """ViT-Adapter's layer id: embeddings 0, ``blocks.i`` i+1, everything else depth+1."""
+    rel = _relative(path, backbone_path)
+    if rel:
+        if rel[0] in EMBEDDING_NAMES:
+            return 0
+        if rel[0] == "blocks":
+            return int(rel[1]) + 1
+    return depth + 1
+
+
+def path_names(keypath) -> Path:
+    """``jax.tree_util`` key path -> plain names (dict keys, sequence indices, attributes)."""
+    out = []
+    for k in keypath:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                out.append(getattr(k, attr))
+                break
+    return tuple(out)
+
+
+def map_with_path(fn: Callable[[Path, jax.Array], Any], tree: Any) -> Any:
+    """``tree`` with every array leaf replaced by ``fn(names, leaf)``; ``names`` is the leaf's
+    state path (``("blocks", 0, "attn", "qkv", "kernel", ...)``)."""
+    return jax.tree_util.tree_map_with_path(lambda kp, x: fn(path_names(kp), x), tree)
+
+
+def lr_scales(params: Any, depth: int, decay: float, backbone_path: Sequence[Hashable] = ()) -> Any:
+    """Per-parameter learning-rate factors ``decay ** (depth + 1 - layer_id)``."""
+    return map_with_path(
+        lambda p, _: float(decay ** (depth + 1 - layer_id(p, depth, backbone_path))), params
+    )
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """True where AdamW's weight decay applies: matrices and kernels, not vectors or embeddings."""
+    return map_with_path(
+        lambda p, x: x.ndim > 1 and not any(n in NO_DECAY_NAMES for n in p), params
+    )
