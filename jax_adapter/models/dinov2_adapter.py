@@ -1,4 +1,4 @@
-"""``DinoAdapter``: the ViT-Adapter backbone around a DINOv2 trunk (SPEC section 5).
+"""``DinoAdapter``: the ViT-Adapter backbone around a DINOv2 trunk (docs/SPEC.md section 5).
 
 ``model(images [B, H, W, 3])`` -> ``AdapterOutput(features=(f1, f2, f3, f4), vit=map)``, all
 NHWC, for any input size that gives non-empty outputs. All shapes come from

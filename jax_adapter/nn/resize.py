@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-# How the pretraining position grid is resized to the token grid (SPEC section 6).
+# How the pretraining position grid is resized to the token grid (docs/SPEC.md section 6).
 POS_RESIZE_MODES = (
     "bicubic_size",  # size-based bicubic, no antialias: the DinoAdapter, Hugging Face Dinov2Model
     "bicubic_scale_offset",  # scale factor (grid + offset) / M, no antialias: hub models without registers
