@@ -73,13 +73,12 @@ class Dims:
     def s(self) -> int:
         return sum(h * w for h, w in self.shapes)
 
-    def loc_col(self, m, l: int, p: int, k: int):
-        """Column of (head, level, point, coordinate) in a ``[B*Q, M*L*P*2]`` view."""
-        return ((m * self.l + l) * self.p + p) * 2 + k
-
-    def lp_col(self, m, l: int, p: int):
-        """Column of (head, level, point) in a ``[B*Q, M*L*P]`` view."""
-        return (m * self.l + l) * self.p + p
+    @property
+    def lp(self) -> int:
+        """Points per head (``L*P``); the kernels index them flat, ``k = l*P + p``: column
+        ``m*L*P + k`` of a ``[B*Q, M*L*P]`` view, columns ``2*(m*L*P + k) + (0, 1)`` of a
+        ``[B*Q, M*L*P*2]`` one."""
+        return self.l * self.p
 
     @property
     def starts(self) -> Tuple[int, ...]:
@@ -94,16 +93,18 @@ class Dims:
 class Config:
     """Static kernel configuration (hashable: used as a non-differentiable custom_vjp argument).
 
-    ``block_q``: queries per program of the forward and of the location/weight-gradient kernel
-    (tiles ``[block_q, c]``). ``block_q_value``: queries per program of the value-gradient kernel,
-    which walks its queries one at a time. Block sizes must be powers of two.
+    ``block_q``: queries per program of the forward kernel, ``block_q_grad`` of the
+    location/weight-gradient kernel (tiles ``[block, C]``); ``block_q_value``: queries per
+    program of the value-gradient kernel, which walks its queries one at a time. Block sizes
+    must be powers of two; :func:`default_config` picks them from the head width.
     ``batch_axis``: when set, every kernel runs under ``jax.shard_map`` over ``mesh`` (``None``:
     the mesh in context), split along the batch axis; Pallas calls are not partitioned
     automatically.
     """
 
     interpret: bool
-    block_q: int = 64
+    block_q: int = 32
+    block_q_grad: int = 32
     block_q_value: int = 8
     num_warps: int = 4
     num_warps_value: int = 1
@@ -112,10 +113,48 @@ class Config:
     batch_axis: Any = None
 
     def __post_init__(self):
-        for name in ("block_q", "block_q_value"):
+        for name in ("block_q", "block_q_grad", "block_q_value"):
             v = getattr(self, name)
-            if v <= 0 or v & (v - 1):
-                raise ValueError(f"{name} must be a positive power of two, got {v}")
+            if not isinstance(v, int) or v <= 0 or v & (v - 1):
+                raise ValueError(f"{name} must be a positive power of two, got {v!r}")
+
+
+# Block sizes, chosen from the kernel report (ptxas for sm_90 and sm_80 at the ViT-S adapter's
+# shapes and the DINOv3 head widths; benchmarks/results/kernel_report.md). A program's [block, C]
+# tiles are spread over 4 warps (128 threads), and registers grow with the elements per thread:
+# at C=64 (ViT-S, float32, injector) the forward uses 64 / 95 / 185 registers at block
+# 16 / 32 / 64, the location/weight gradient 72 / 106 / 168 (the fused entry point: 72 / 114 /
+# 198 forward, 92 / 141 / 255 gradient, as it also carries the softmax statistics and the
+# gradients of all L*P weights). 128 registers is the most that fits 4 blocks of 4 warps per SM.
+# So the tiles hold 2048 elements (16 per thread) in the plain forward and 1024 elsewhere; at
+# the DINOv3 widths 2048-element fused tiles reached 141 registers (dh=12, block 128) and 168
+# (dh=128 gradient, block 16), and 1024 keeps every kernel at or below 128.
+TILES = {"forward": 2048, "grad": 1024, "fused_forward": 1024, "fused_grad": 1024}
+MIN_BLOCK, MAX_BLOCK = 8, 128
+# The value-gradient kernel walks its queries one at a time with single [C] rows on one warp
+# (33-60 registers); 8 queries per program amortise the program start.
+BLOCK_VALUE = 8
+
+
+def default_block(dh: int, tile: int) -> int:
+    """Queries per program for head width ``dh`` and ``tile`` elements per ``[block, C]`` tile,
+    clipped to ``[MIN_BLOCK, MAX_BLOCK]``."""
+    return min(MAX_BLOCK, max(MIN_BLOCK, tile // next_pow2(dh)))
+
+
+def make_config(entry: str, dh: int, interpret: bool | None, block_q: int | None,
+                block_q_value: int | None, mesh: Any, batch_axis: Any) -> Config:
+    """Config of one call of ``entry`` (``"plain"`` or ``"fused"``); ``None`` block sizes take
+    the defaults for head width ``dh`` (an explicit ``block_q`` applies to the forward and the
+    location/weight-gradient kernels)."""
+    if block_q is None:
+        prefix = "fused_" if entry == "fused" else ""
+        fwd, grad = (default_block(dh, TILES[prefix + k]) for k in ("forward", "grad"))
+    else:
+        fwd = grad = block_q
+    return Config(interpret=resolve_interpret(interpret), block_q=fwd, block_q_grad=grad,
+                  block_q_value=BLOCK_VALUE if block_q_value is None else block_q_value,
+                  mesh=mesh, batch_axis=batch_axis)
 
 
 def compute_dtype(value: jax.Array):
@@ -157,6 +196,40 @@ def store(view, val: jax.Array, mask) -> None:
 
 
 @dataclasses.dataclass
+class Level:
+    """Geometry of the level a point belongs to: ``h, w, start`` as int32 scalars (Python ints
+    when there is one level) and ``hf, wf`` as compute-dtype scalars."""
+
+    h: Any
+    w: Any
+    start: Any
+    hf: Any
+    wf: Any
+
+
+def level_of(k, d: Dims, cdt) -> Level:
+    """Level of flat point index ``k = l * P + p`` (a traced int32 scalar).
+
+    The kernels walk all ``L*P`` points in one rolled loop, so the level's size is selected
+    at run time from the static table (a few scalar selects per point) instead of unrolling
+    the loop per level.
+    """
+    if d.l == 1:
+        (h, w), = d.shapes
+        return Level(h=h, w=w, start=0, hf=jnp.asarray(h, cdt), wf=jnp.asarray(w, cdt))
+    lvl = k // d.p
+
+    def pick(vals):
+        out = jnp.int32(vals[-1])
+        for i in range(d.l - 1):
+            out = jnp.where(lvl == i, jnp.int32(vals[i]), out)
+        return out
+
+    h, w = pick([h for h, _ in d.shapes]), pick([w for _, w in d.shapes])
+    return Level(h=h, w=w, start=pick(d.starts), hf=h.astype(cdt), wf=w.astype(cdt))
+
+
+@dataclasses.dataclass
 class Corners:
     """Bilinear footprint of ``n`` locations on one level.
 
@@ -175,16 +248,17 @@ class Corners:
         return jnp.where(self.ok[i][j], self.wy[i] * self.wx[j], 0.0)
 
 
-def corners(x: jax.Array, y: jax.Array, h: int, w: int, start: int) -> Corners:
-    """Corners of normalised locations ``x, y [n]`` on an ``h x w`` level starting at row ``start``.
+def corners(x: jax.Array, y: jax.Array, lv: Level) -> Corners:
+    """Corners of normalised locations ``x, y [n]`` (or scalars) on level ``lv``.
 
     Pixel-centre convention (``px = x*w - 0.5``). Non-finite locations are parked off the map and
     far ones clamped just outside it, so every derived quantity stays finite and the float->int
     conversion never sees an out-of-range value; both then have no valid corner.
     """
+    h, w = lv.h, lv.w
     finite = jnp.isfinite(x) & jnp.isfinite(y)
-    px = jnp.clip(jnp.where(finite, x * w - 0.5, -2.0), -2.0, w + 1.0)
-    py = jnp.clip(jnp.where(finite, y * h - 0.5, -2.0), -2.0, h + 1.0)
+    px = jnp.clip(jnp.where(finite, x * lv.wf - 0.5, -2.0), -2.0, lv.wf + 1.0)
+    py = jnp.clip(jnp.where(finite, y * lv.hf - 0.5, -2.0), -2.0, lv.hf + 1.0)
     x0f = jnp.floor(px)
     y0f = jnp.floor(py)
     fx = px - x0f
@@ -200,6 +274,6 @@ def corners(x: jax.Array, y: jax.Array, h: int, w: int, start: int) -> Corners:
         oky = (ys[i] >= 0) & (ys[i] < h)
         for j in range(2):
             xc = jnp.clip(xs[j], 0, w - 1)
-            rows[i][j] = start + yc * w + xc
+            rows[i][j] = lv.start + yc * w + xc
             ok[i][j] = oky & (xs[j] >= 0) & (xs[j] < w)
     return Corners(rows=rows, ok=ok, wy=[1.0 - fy, fy], wx=[1.0 - fx, fx])

@@ -1,14 +1,18 @@
 """The three Pallas kernels of the sampling core, generic over where locations and weights come from.
 
-A *source* (see :class:`Source`) turns its input refs into per-level, per-point locations and
-attention weights for a block of queries (or one query), and writes the gradients of its inputs
-back. The plain entry point reads them from memory; the fused one forms them from reference
-points, raw offsets and logits.
+A *source* (see :class:`Source`) gives the location and attention weight of one point of a head
+for a block of queries (or one query), and writes the gradients of its inputs back. The plain
+entry point reads them from memory; the fused one forms them from reference points, raw offsets
+and logits.
 
 Grid of every kernel: ``(B, M, ceil(Q / block))``; one program owns one batch item, one head and
-a block of queries, and reads ``value[b, :, m, :]`` by computed rows.
+a block of queries, and reads ``value[b, :, m, :]`` by computed rows. Every kernel walks the
+``L*P`` points in one rolled loop (``lax.fori_loop`` -> ``scf.for``) whose body handles the four
+corners of one point: the code stays short and nothing per point outlives its iteration. (Fully
+unrolled over levels, points and corners, ptxas spilled up to 64 KB per thread; see
+``benchmarks/results/kernel_report.md``.)
 
-* forward: ``[block, C]`` tiles, four gathers per level and point, float32 (or wider) accumulation.
+* forward: ``[block, C]`` tiles, four gathers per point, float32 (or wider) accumulation.
 * location/weight gradients: the same gathers, dotted with the cotangent; no atomics (every
   location and weight belongs to exactly one program).
 * value gradient: a scatter. The program walks its queries one at a time, with scalar rows, and
@@ -22,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, List, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,25 +36,31 @@ from jax.experimental.pallas import triton as pltriton
 from jax.sharding import PartitionSpec
 
 from ._common import (
-    Config, Dims, Shapes, compiler_params, compute_dtype, corners, load, query_block, store,
+    Config, Dims, Level, Shapes, compiler_params, compute_dtype, corners, level_of, load, query_block,
+    store,
 )
-
-Grid = List[List[jax.Array]]  # [level][point] -> [n] (or scalars)
 
 
 @dataclasses.dataclass
-class Samples:
-    """Locations ``x, y`` (normalised) and attention weights ``a`` as ``[level][point] -> [n]``."""
+class Point:
+    """Location ``x, y`` (normalised) and attention weight ``a`` of one point for every query of a
+    program (``[n]``), or of one query (scalars)."""
 
-    x: Grid
-    y: Grid
-    a: Grid
+    x: jax.Array
+    y: jax.Array
+    a: jax.Array
 
 
 class Source(Protocol):
     """Where locations and weights come from. Its inputs all start with ``[B, Q]`` and reach the
     kernels as ``[B*Q, rest]`` views; ``rows`` addresses queries in them (a ``pl.ds`` block giving
-    ``[n]`` results, or one scalar row giving scalars) and ``ok`` marks the queries that exist."""
+    ``[n]`` results, or one scalar row giving scalars) and ``ok`` marks the queries that exist.
+
+    The kernels walk the ``L*P`` points of a head in one rolled loop (flat index ``k = l*P + p``,
+    a traced scalar): ``prepare`` runs once per program (or query) before the loop, ``point``
+    once per point. Keeping every per-point quantity inside the loop body keeps the live ranges
+    short; an unrolled loop over levels, points and corners made the compiled kernels spill.
+    """
 
     n_in: int
 
@@ -58,15 +68,26 @@ class Source(Protocol):
         """Static sizes of a call (from the local shapes under ``shard_map``)."""
 
     def grad_shapes(self, inputs: Sequence[jax.Array], d: Dims, cdt) -> tuple:
-        """Shapes ``[B, Q, ...]`` and dtypes of the gradients ``write_grads`` produces."""
+        """Shapes ``[B, Q, ...]`` and dtypes of the gradients the grad kernel produces."""
 
-    def samples(self, refs: Sequence, m, rows: Any, ok: jax.Array, d: Dims, cdt) -> Samples:
-        """Locations and weights of head ``m`` for the queries at ``rows``."""
+    def prepare(self, refs: Sequence, m, rows: Any, ok: jax.Array, d: Dims, cdt) -> Any:
+        """Per-program state shared by the points of head ``m`` (e.g. softmax statistics)."""
 
-    def write_grads(self, refs: Sequence, m, rows: Any, ok: jax.Array, smp: Samples,
-                    gx: Grid, gy: Grid, ga: Grid, d: Dims) -> None:
-        """Store the input gradients of the queries at ``rows`` (a block) given those of the
-        locations and of the weights."""
+    def point(self, refs: Sequence, st: Any, m, rows: Any, ok: jax.Array, k, lv: Level,
+              d: Dims, cdt) -> Point:
+        """Location and weight of point ``k`` of head ``m`` for the queries at ``rows``."""
+
+    def grad_init(self, st: Any, ok: jax.Array, d: Dims, cdt) -> Any:
+        """Loop carry of the gradient kernel (what must be reduced over the points)."""
+
+    def grad_point(self, in_refs: Sequence, refs: Sequence, st: Any, m, rows: Any, ok: jax.Array, k, lv: Level,
+                   pt: Point, gx, gy, ga, carry: Any, d: Dims) -> Any:
+        """Store (or accumulate) the gradients of point ``k`` given those of its location
+        ``gx, gy`` and weight ``ga`` (``[n]``); returns the new carry."""
+
+    def grad_finish(self, in_refs: Sequence, refs: Sequence, st: Any, m, rows: Any, ok: jax.Array, carry: Any,
+                    d: Dims, cdt) -> None:
+        """Store what was reduced over the points."""
 
 
 def _grid(d: Dims, block: int):
@@ -90,20 +111,29 @@ def _gather(v_ref, b, m, rows: jax.Array, ok: jax.Array, cc: jax.Array, cok: jax
     return load(v_ref.at[b * d.s + rows[:, None], m * d.dh + cc], ok[:, None] & cok, cdt)
 
 
+def _points(d: Dims, body: Callable, init):
+    """``lax.fori_loop`` over the ``L*P`` points with an int32 index (also under x64)."""
+    return lax.fori_loop(jnp.int32(0), jnp.int32(d.lp), body, init)
+
+
 def _forward_kernel(v_ref, *refs, src: Source, d: Dims, block: int, cdt):
     *in_refs, o_ref = refs
     b, m = pl.program_id(0), pl.program_id(1)
     rows, qok = query_block(block, d)
-    smp = src.samples(in_refs, m, rows, qok, d, cdt)
+    st = src.prepare(in_refs, m, rows, qok, d, cdt)
     cc, cok = _channels(d)
-    acc = jnp.zeros((block, d.c), cdt)
-    for l, (h, w) in enumerate(d.shapes):
-        for p in range(d.p):
-            cn = corners(smp.x[l][p], smp.y[l][p], h, w, d.starts[l])
-            for i in range(2):
-                for j in range(2):
-                    v = _gather(v_ref, b, m, cn.rows[i][j], cn.ok[i][j], cc, cok, d, cdt)
-                    acc = acc + (cn.weight(i, j) * smp.a[l][p])[:, None] * v
+
+    def point(k, acc):
+        lv = level_of(k, d, cdt)
+        pt = src.point(in_refs, st, m, rows, qok, k, lv, d, cdt)
+        cn = corners(pt.x, pt.y, lv)
+        for i in range(2):
+            for j in range(2):
+                v = _gather(v_ref, b, m, cn.rows[i][j], cn.ok[i][j], cc, cok, d, cdt)
+                acc = acc + (cn.weight(i, j) * pt.a)[:, None] * v
+        return acc
+
+    acc = _points(d, point, jnp.zeros((block, d.c), cdt))
     store(o_ref.at[rows, pl.ds(m * d.dh, d.c)], acc, qok[:, None] & cok)
 
 
@@ -131,28 +161,29 @@ def _grad_inputs_kernel(v_ref, g_ref, *refs, src: Source, d: Dims, block: int, c
     in_refs, out_refs = refs[:src.n_in], refs[src.n_in:]
     b, m = pl.program_id(0), pl.program_id(1)
     rows, qok = query_block(block, d)
-    smp = src.samples(in_refs, m, rows, qok, d, cdt)
+    st = src.prepare(in_refs, m, rows, qok, d, cdt)
     cc, cok = _channels(d)
     go = load(g_ref.at[rows, pl.ds(m * d.dh, d.c)], qok[:, None] & cok, cdt)  # [block, C]
-    gx, gy, ga = [], [], []
-    for l, (h, w) in enumerate(d.shapes):
-        gx.append([]), gy.append([]), ga.append([])
-        for p in range(d.p):
-            cn = corners(smp.x[l][p], smp.y[l][p], h, w, d.starts[l])
-            # dot[i][j]: <cotangent, value at corner (i, j)>, zero for corners off the map.
-            dot = [[None, None], [None, None]]
-            for i in range(2):
-                for j in range(2):
-                    v = _gather(v_ref, b, m, cn.rows[i][j], cn.ok[i][j], cc, cok, d, cdt)
-                    dot[i][j] = jnp.sum(go * v, axis=1)
-            a = smp.a[l][p]
-            ga[l].append(sum(cn.weight(i, j) * dot[i][j] for i in range(2) for j in range(2)))
-            # d sample / d px = sum_i wy_i (v_i1 - v_i0); d px / d x = W (likewise for y).
-            gpx = cn.wy[0] * (dot[0][1] - dot[0][0]) + cn.wy[1] * (dot[1][1] - dot[1][0])
-            gpy = cn.wx[0] * (dot[1][0] - dot[0][0]) + cn.wx[1] * (dot[1][1] - dot[0][1])
-            gx[l].append(a * (gpx * w))
-            gy[l].append(a * (gpy * h))
-    src.write_grads(out_refs, m, rows, qok, smp, gx, gy, ga, d)
+
+    def point(k, carry):
+        lv = level_of(k, d, cdt)
+        pt = src.point(in_refs, st, m, rows, qok, k, lv, d, cdt)
+        cn = corners(pt.x, pt.y, lv)
+        # dot[i][j]: <cotangent, value at corner (i, j)>, zero for corners off the map.
+        dot = [[None, None], [None, None]]
+        for i in range(2):
+            for j in range(2):
+                v = _gather(v_ref, b, m, cn.rows[i][j], cn.ok[i][j], cc, cok, d, cdt)
+                dot[i][j] = jnp.sum(go * v, axis=1)
+        ga = sum(cn.weight(i, j) * dot[i][j] for i in range(2) for j in range(2))
+        # d sample / d px = sum_i wy_i (v_i1 - v_i0); d px / d x = W (likewise for y).
+        gpx = cn.wy[0] * (dot[0][1] - dot[0][0]) + cn.wy[1] * (dot[1][1] - dot[1][0])
+        gpy = cn.wx[0] * (dot[1][0] - dot[0][0]) + cn.wx[1] * (dot[1][1] - dot[0][1])
+        gx, gy = pt.a * (gpx * lv.wf), pt.a * (gpy * lv.hf)
+        return src.grad_point(in_refs, out_refs, st, m, rows, qok, k, lv, pt, gx, gy, ga, carry, d)
+
+    carry = _points(d, point, src.grad_init(st, qok, d, cdt))
+    src.grad_finish(in_refs, out_refs, st, m, rows, qok, carry, d, cdt)
 
 
 def grad_inputs(src: Source, shapes: Shapes, value: jax.Array, g: jax.Array,
@@ -161,12 +192,12 @@ def grad_inputs(src: Source, shapes: Shapes, value: jax.Array, g: jax.Array,
 
     def call(value, g, *inputs):
         d, cdt = src.dims(value, inputs, shapes), compute_dtype(value)
-        kernel = functools.partial(_grad_inputs_kernel, src=src, d=d, block=cfg.block_q, cdt=cdt)
+        kernel = functools.partial(_grad_inputs_kernel, src=src, d=d, block=cfg.block_q_grad, cdt=cdt)
         full = src.grad_shapes(inputs, d, cdt)
         outs = pl.pallas_call(
             kernel,
             out_shape=tuple(jax.ShapeDtypeStruct((d.b * d.q, math.prod(s.shape[2:])), s.dtype) for s in full),
-            grid=_grid(d, cfg.block_q),
+            grid=_grid(d, cfg.block_q_grad),
             interpret=cfg.interpret,
             compiler_params=compiler_params(cfg),
             name="msda_grad_inputs",
@@ -186,23 +217,27 @@ def _grad_value_kernel(g_ref, *refs, src: Source, d: Dims, block: int, cdt, mask
         q = first + t
         ok = q < d.q
         row = b * d.q + q
-        smp = src.samples(in_refs, m, row, ok, d, cdt)  # scalars
+        st = src.prepare(in_refs, m, row, ok, d, cdt)  # scalars
         go = load(g_ref.at[row, pl.ds(m * d.dh, d.c)], ok & chan, cdt)  # [C]
-        for l, (h, w) in enumerate(d.shapes):
-            for p in range(d.p):
-                cn = corners(smp.x[l][p], smp.y[l][p], h, w, d.starts[l])
-                for i in range(2):
-                    for j in range(2):
-                        wgt = jnp.where(ok, cn.weight(i, j) * smp.a[l][p], 0.0)
-                        # The row is clamped into its level and the lanes span this head's padded
-                        # channels: every address is in bounds, none repeats.
-                        mask = jnp.broadcast_to(cn.ok[i][j] & ok, (d.c,)) if masked else None
-                        pltriton.atomic_add(
-                            gv_ref, (b * d.s + cn.rows[i][j], pl.ds(m * d.c, d.c)), go * wgt, mask=mask
-                        )
-        return carry
 
-    lax.fori_loop(0, block, one_query, 0)
+        def point(k, carry):
+            lv = level_of(k, d, cdt)
+            pt = src.point(in_refs, st, m, row, ok, k, lv, d, cdt)
+            cn = corners(pt.x, pt.y, lv)
+            for i in range(2):
+                for j in range(2):
+                    wgt = jnp.where(ok, cn.weight(i, j) * pt.a, 0.0)
+                    # The row is clamped into its level and the lanes span this head's padded
+                    # channels: every address is in bounds, none repeats.
+                    mask = jnp.broadcast_to(cn.ok[i][j] & ok, (d.c,)) if masked else None
+                    pltriton.atomic_add(
+                        gv_ref, (b * d.s + cn.rows[i][j], pl.ds(m * d.c, d.c)), go * wgt, mask=mask
+                    )
+            return carry
+
+        return _points(d, point, carry)
+
+    lax.fori_loop(jnp.int32(0), jnp.int32(block), one_query, jnp.int32(0))
 
 
 def grad_value(src: Source, shapes: Shapes, value: jax.Array, g: jax.Array,

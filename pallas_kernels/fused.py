@@ -12,10 +12,12 @@ from typing import Any, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
 
 from . import _kernels
-from ._common import Config, Dims, at, load, resolve_interpret, static_shapes, store
-from ._kernels import Samples
+from ._common import Dims, Level, at, load, make_config, next_pow2, static_shapes, store
+from ._kernels import Point
 
 
 class _Fused:
@@ -36,40 +38,69 @@ class _Fused:
             jax.ShapeDtypeStruct(lg.shape, lg.dtype),
         )
 
-    def samples(self, refs, m, rows, ok, d: Dims, cdt) -> Samples:
-        ref_ref, off_ref, lg_ref = refs  # [B*Q, 2], [B*Q, M*L*P*2], [B*Q, M*L*P]
-        rx = load(at(ref_ref, rows, 0), ok, cdt)
-        ry = load(at(ref_ref, rows, 1), ok, cdt)
-        x = [[rx + load(at(off_ref, rows, d.loc_col(m, l, p, 0)), ok, cdt) / w for p in range(d.p)]
-             for l, (h, w) in enumerate(d.shapes)]
-        y = [[ry + load(at(off_ref, rows, d.loc_col(m, l, p, 1)), ok, cdt) / h for p in range(d.p)]
-             for l, (h, w) in enumerate(d.shapes)]
-        z = [[load(at(lg_ref, rows, d.lp_col(m, l, p)), ok, cdt) for p in range(d.p)] for l in range(d.l)]
-        top = functools.reduce(jnp.maximum, [v for row in z for v in row])
-        e = [[jnp.exp(v - top) for v in row] for row in z]
-        total = functools.reduce(jnp.add, [v for row in e for v in row])
-        return Samples(x=x, y=y, a=[[v / total for v in row] for row in e])
+    @staticmethod
+    def _logits(lg_ref, m, rows, ok, d: Dims, cdt):
+        """The head's ``L*P`` logits as ``[..., K]`` (``K`` a power of two; -inf past L*P), and
+        the column index and mask ``[K]``."""
+        n = d.lp
+        kcol = lax.broadcasted_iota(jnp.int32, (next_pow2(n),), 0)
+        kok = kcol < n
+        z = load(at(lg_ref, rows, pl.ds(m * n, kcol.shape[0])), jnp.expand_dims(ok, -1) & kok, cdt)
+        return jnp.where(kok, z, -jnp.inf), kcol, kok
 
-    def write_grads(self, refs, m, rows, ok, smp, gx, gy, ga, d: Dims) -> None:
-        gref_ref, goff_ref, glg_ref = refs
+    def prepare(self, refs, m, rows, ok, d: Dims, cdt):
+        """Reference point and the softmax statistics (max, sum of exponentials) of the head."""
+        ref_ref, _, lg_ref = refs  # [B*Q, 2], [B*Q, M*L*P*2], [B*Q, M*L*P]
+        z, _, _ = self._logits(lg_ref, m, rows, ok, d, cdt)
+        top = jnp.max(z, axis=-1)
+        total = jnp.sum(jnp.exp(z - jnp.expand_dims(top, -1)), axis=-1)
+        return (load(at(ref_ref, rows, 0), ok, cdt), load(at(ref_ref, rows, 1), ok, cdt), top, total)
+
+    def point(self, refs, st, m, rows, ok, k, lv: Level, d: Dims, cdt) -> Point:
+        _, off_ref, lg_ref = refs
+        rx, ry, top, total = st
+        col = m * d.lp + k
+        return Point(x=rx + load(at(off_ref, rows, 2 * col), ok, cdt) / lv.wf,
+                     y=ry + load(at(off_ref, rows, 2 * col + 1), ok, cdt) / lv.hf,
+                     a=jnp.exp(load(at(lg_ref, rows, col), ok, cdt) - top) / total)
+
+    def grad_init(self, st, ok, d: Dims, cdt):
+        """Reference-point gradient sums ``[n]`` and the weight gradients ``[n, K]`` (the softmax
+        backward needs all of them: kept in registers, one column per point)."""
+        zero = jnp.zeros(ok.shape, cdt)
+        return zero, zero, jnp.zeros(ok.shape + (next_pow2(d.lp),), cdt)
+
+    def grad_point(self, in_refs, refs, st, m, rows, ok, k, lv, pt, gx, gy, ga, carry, d: Dims):
+        _, goff_ref, _ = refs
+        grx, gry, ga_all = carry
+        col = m * d.lp + k
+        store(at(goff_ref, rows, 2 * col), gx / lv.wf, ok)
+        store(at(goff_ref, rows, 2 * col + 1), gy / lv.hf, ok)
+        kcol = lax.broadcasted_iota(jnp.int32, ga_all.shape, ga_all.ndim - 1)
+        return grx + gx, gry + gy, jnp.where(kcol == k, jnp.expand_dims(ga, -1), ga_all)
+
+    def grad_finish(self, in_refs, refs, st, m, rows, ok, carry, d: Dims, cdt) -> None:
+        gref_ref, _, glg_ref = refs
+        grx, gry, ga_all = carry
+        _, _, top, total = st
+        n = d.lp
+        z, _, kok = self._logits(in_refs[2], m, rows, ok, d, cdt)
+        a = jnp.exp(z - jnp.expand_dims(top, -1)) / jnp.expand_dims(total, -1)
         # Softmax backward: dz_k = a_k (ga_k - sum_j a_j ga_j).
-        mean = sum(smp.a[l][p] * ga[l][p] for l in range(d.l) for p in range(d.p))
-        for l, (h, w) in enumerate(d.shapes):
-            for p in range(d.p):
-                store(at(goff_ref, rows, d.loc_col(m, l, p, 0)), gx[l][p] / w, ok)
-                store(at(goff_ref, rows, d.loc_col(m, l, p, 1)), gy[l][p] / h, ok)
-                store(at(glg_ref, rows, d.lp_col(m, l, p)), smp.a[l][p] * (ga[l][p] - mean), ok)
+        mean = jnp.sum(a * ga_all, axis=-1)
+        store(at(glg_ref, rows, pl.ds(m * n, kok.shape[0])), a * (ga_all - jnp.expand_dims(mean, -1)),
+              jnp.expand_dims(ok, -1) & kok)
         # The reference point is shared by all heads, which live in different programs: write
         # one partial sum per head (a [B, Q, M, 2] output), reduced outside.
-        store(at(gref_ref, rows, 2 * m), sum(v for row in gx for v in row), ok)
-        store(at(gref_ref, rows, 2 * m + 1), sum(v for row in gy for v in row), ok)
+        store(at(gref_ref, rows, 2 * m), grx, ok)
+        store(at(gref_ref, rows, 2 * m + 1), gry, ok)
 
 
 _SOURCE = _Fused()
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 5))
-def _fused(value, shapes, ref, offsets, logits, cfg: Config):
+def _fused(value, shapes, ref, offsets, logits, cfg):
     return _kernels.forward(_SOURCE, shapes, value, (ref, offsets, logits), cfg)
 
 
@@ -96,8 +127,8 @@ def ms_deform_attn_fused(
     logits: jax.Array,
     *,
     interpret: bool | None = None,
-    block_q: int = 64,
-    block_q_value: int = 8,
+    block_q: int | None = None,
+    block_q_value: int | None = None,
     mesh: Any = None,
     batch_axis: Any = None,
 ) -> jax.Array:
@@ -116,6 +147,5 @@ def ms_deform_attn_fused(
       ``[B, Q, M*Dh]`` in ``value.dtype``.
     """
     shapes = static_shapes(spatial_shapes)
-    cfg = Config(interpret=resolve_interpret(interpret), block_q=block_q,
-                 block_q_value=block_q_value, mesh=mesh, batch_axis=batch_axis)
+    cfg = make_config("fused", value.shape[-1], interpret, block_q, block_q_value, mesh, batch_axis)
     return _fused(value, shapes, reference_points, offsets, logits, cfg)

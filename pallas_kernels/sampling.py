@@ -6,10 +6,11 @@ import functools
 from typing import Any, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 
 from . import _kernels
-from ._common import Config, Dims, at, load, resolve_interpret, static_shapes, store
-from ._kernels import Samples
+from ._common import Dims, Level, at, load, make_config, static_shapes, store
+from ._kernels import Point
 
 
 class _Direct:
@@ -25,29 +26,36 @@ class _Direct:
     def grad_shapes(self, inputs, d: Dims, cdt) -> tuple:
         return tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs)
 
-    def samples(self, refs, m, rows, ok, d: Dims, cdt) -> Samples:
-        loc_ref, att_ref = refs  # [B*Q, M*L*P*2], [B*Q, M*L*P]
-        grid = lambda f: [[f(l, p) for p in range(d.p)] for l in range(d.l)]
-        return Samples(
-            x=grid(lambda l, p: load(at(loc_ref, rows, d.loc_col(m, l, p, 0)), ok, cdt)),
-            y=grid(lambda l, p: load(at(loc_ref, rows, d.loc_col(m, l, p, 1)), ok, cdt)),
-            a=grid(lambda l, p: load(at(att_ref, rows, d.lp_col(m, l, p)), ok, cdt)),
-        )
+    def prepare(self, refs, m, rows, ok, d: Dims, cdt):
+        return None
 
-    def write_grads(self, refs, m, rows, ok, smp, gx, gy, ga, d: Dims) -> None:
+    def point(self, refs, st, m, rows, ok, k, lv: Level, d: Dims, cdt) -> Point:
+        loc_ref, att_ref = refs  # [B*Q, M*L*P*2], [B*Q, M*L*P]
+        col = m * d.lp + k
+        return Point(x=load(at(loc_ref, rows, 2 * col), ok, cdt),
+                     y=load(at(loc_ref, rows, 2 * col + 1), ok, cdt),
+                     a=load(at(att_ref, rows, col), ok, cdt))
+
+    def grad_init(self, st, ok, d: Dims, cdt):
+        return jnp.int32(0)
+
+    def grad_point(self, in_refs, refs, st, m, rows, ok, k, lv, pt, gx, gy, ga, carry, d: Dims):
         gl_ref, ga_ref = refs
-        for l in range(d.l):
-            for p in range(d.p):
-                store(at(gl_ref, rows, d.loc_col(m, l, p, 0)), gx[l][p], ok)
-                store(at(gl_ref, rows, d.loc_col(m, l, p, 1)), gy[l][p], ok)
-                store(at(ga_ref, rows, d.lp_col(m, l, p)), ga[l][p], ok)
+        col = m * d.lp + k
+        store(at(gl_ref, rows, 2 * col), gx, ok)
+        store(at(gl_ref, rows, 2 * col + 1), gy, ok)
+        store(at(ga_ref, rows, col), ga, ok)
+        return carry
+
+    def grad_finish(self, in_refs, refs, st, m, rows, ok, carry, d: Dims, cdt) -> None:
+        pass
 
 
 _SOURCE = _Direct()
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 4))
-def _msda(value, shapes, loc, attn, cfg: Config):
+def _msda(value, shapes, loc, attn, cfg):
     return _kernels.forward(_SOURCE, shapes, value, (loc, attn), cfg)
 
 
@@ -72,8 +80,8 @@ def ms_deform_attn(
     attention_weights: jax.Array,
     *,
     interpret: bool | None = None,
-    block_q: int = 64,
-    block_q_value: int = 8,
+    block_q: int | None = None,
+    block_q_value: int | None = None,
     mesh: Any = None,
     batch_axis: Any = None,
 ) -> jax.Array:
@@ -87,7 +95,8 @@ def ms_deform_attn(
       attention_weights: ``[B, Q, M, L, P]``.
       interpret: run the Pallas interpreter; ``None`` -> everywhere but on GPU.
       block_q, block_q_value: queries per program (powers of two) of the forward and
-        location/weight-gradient kernels, and of the value-gradient kernel.
+        location/weight-gradient kernels, and of the value-gradient kernel; ``None``: the
+        defaults for the head width (``_common.default_block``, from the kernel report).
       mesh, batch_axis: run every kernel under ``jax.shard_map`` split along the batch axis
         over mesh axis (or axes) ``batch_axis`` of ``mesh`` (``None``: the mesh in context).
         The ``custom_vjp`` stays outside the ``shard_map``.
@@ -96,6 +105,5 @@ def ms_deform_attn(
       ``[B, Q, M*Dh]`` in ``value.dtype``, accumulated in float32 (float64 for float64 value).
     """
     shapes = static_shapes(spatial_shapes)
-    cfg = Config(interpret=resolve_interpret(interpret), block_q=block_q,
-                 block_q_value=block_q_value, mesh=mesh, batch_axis=batch_axis)
+    cfg = make_config("plain", value.shape[-1], interpret, block_q, block_q_value, mesh, batch_axis)
     return _msda(value, shapes, sampling_locations, attention_weights, cfg)

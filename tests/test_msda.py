@@ -137,3 +137,128 @@ def test_env_override(monkeypatch):
     with pytest.raises(ValueError, match=ops.IMPL_ENV):
         ops.resolve_impl("auto")
     assert ops.resolve_impl("xla") == "xla"
+
+
+# --- the XLA core's GPU formulation (all (batch, head) pairs at once), checked on CPU ---------
+
+
+def test_gpu_formulation_fixture_parity_float64(core):
+    from jax_adapter.nn.msda_xla import ms_deform_attn_xla
+
+    shapes = _shapes(core)
+    with jax.enable_x64(True):
+        f = lambda v, l, a: ms_deform_attn_xla(v, shapes, l, a, formulation="gpu")
+        args = [jnp.asarray(core[k], jnp.float64) for k in ("value", "sampling_locations", "attention_weights")]
+        out, vjp = jax.jit(lambda *a: jax.vjp(f, *a))(*args)
+        grads = vjp(jnp.asarray(core["cotangent"]))
+    assert rel_err(out, core["output"]) < 1e-10
+    for g, name in zip(grads, ("grad_value", "grad_sampling_locations", "grad_attention_weights")):
+        assert rel_err(g, core[name]) < 1e-10, name
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_formulation_matches_cpu_formulation(dtype):
+    """Far, non-finite and crowded locations (many queries on one pixel), in both dtypes."""
+    from jax_adapter.nn.msda_xla import ms_deform_attn_xla
+
+    rng = np.random.default_rng(3)
+    shapes = ((4, 5), (2, 3))
+    b, q, m, dh, n_p = 2, 9, 3, 5, 2
+    value = jnp.asarray(rng.normal(size=(b, 26, m, dh)), dtype)
+    loc = rng.uniform(-0.3, 1.3, size=(b, q, m, 2, n_p, 2)).astype(np.float32)
+    loc[0, 0, 0, 0, 0] = [np.nan, 0.5]
+    loc[1, 1, 2, 1, 1] = [np.inf, 0.2]
+    loc[1, 2, 0, 0, 1] = [1e9, -1e9]
+    loc[:, 3:, 1, 0, :] = [0.41, 0.63]
+    attn = jnp.asarray(rng.uniform(size=(b, q, m, 2, n_p)), dtype)
+    ct = jnp.asarray(rng.normal(size=(b, q, m * dh)), dtype)
+
+    def run(formulation):
+        f = lambda v, l, a: ms_deform_attn_xla(v, shapes, l, a, formulation=formulation)
+        out, vjp = jax.vjp(f, value, jnp.asarray(loc), attn)
+        return (out, *vjp(ct))
+
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    for got, want, name in zip(jax.jit(lambda: run("gpu"))(), jax.jit(lambda: run("cpu"))(),
+                               ("output", "grad value", "grad locations", "grad weights")):
+        assert got.dtype == want.dtype, name
+        assert rel_err(np.asarray(got, np.float32), np.asarray(want, np.float32)) < tol, name
+
+
+def test_formulation_follows_backend():
+    from jax_adapter.nn import msda_xla
+
+    assert msda_xla.default_formulation("gpu") == "gpu"
+    assert msda_xla.default_formulation("cpu") == "cpu"
+    assert msda_xla.default_formulation() == ("gpu" if jax.default_backend() == "gpu" else "cpu")
+    with pytest.raises(ValueError, match="formulation"):
+        msda_xla.ms_deform_attn_xla(jnp.zeros((1, 4, 1, 2)), ((2, 2),), jnp.zeros((1, 1, 1, 1, 1, 2)),
+                                    jnp.zeros((1, 1, 1, 1, 1)), formulation="tpu")
+
+
+# --- safe dispatch: "auto" falls back to XLA when the Pallas kernels do not compile ----------
+
+
+def _small_case(rng):
+    shapes = ((3, 4),)
+    value = jnp.asarray(rng.normal(size=(1, 12, 2, 4)), jnp.float32)
+    loc = jnp.asarray(rng.uniform(size=(1, 5, 2, 1, 2, 2)), jnp.float32)
+    attn = jnp.asarray(rng.uniform(size=(1, 5, 2, 1, 2)), jnp.float32)
+    return shapes, value, loc, attn
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Dispatch believes it runs on a GPU; probe results and the one-warning flag start fresh."""
+    monkeypatch.delenv(ops.IMPL_ENV, raising=False)
+    monkeypatch.setattr(ops, "_backend", lambda: "gpu")
+    monkeypatch.setattr(ops, "_PROBES", {})
+    monkeypatch.setattr(ops, "_WARNED", False)
+
+
+def test_auto_falls_back_to_xla_with_one_warning(fake_gpu):
+    """The compile check really compiles: here the Triton kernels cannot compile for the CPU
+    device, which is the failure a GPU with a broken Pallas/Triton toolchain produces."""
+    shapes, value, loc, attn = _small_case(np.random.default_rng(4))
+    ref = ops.ms_deform_attn(value, shapes, loc, attn, impl="xla")
+    with pytest.warns(ops.PallasFallbackWarning, match="falls back to the XLA") as record:
+        out = jax.jit(lambda v, l, a: ops.ms_deform_attn(v, shapes, l, a))(value, loc, attn)
+        again = ops.ms_deform_attn(value, shapes, loc, attn)  # cached: no second probe or warning
+        b, q, m = loc.shape[:3]
+        fused = ops.ms_deform_attn_fused(value, shapes, jnp.zeros((b, q, 2)), jnp.zeros(loc.shape),
+                                         jnp.zeros((b, q, m, 2)))
+    assert len([w for w in record if w.category is ops.PallasFallbackWarning]) == 1
+    assert len(ops._PROBES) == 2 and all(e is not None for e in ops._PROBES.values())
+    assert rel_err(out, ref) < 1e-6 and rel_err(again, ref) < 1e-6  # jit vs eager rounding
+    assert np.isfinite(np.asarray(fused)).all()
+
+
+def test_auto_uses_pallas_when_it_compiles(fake_gpu, monkeypatch):
+    from jax_adapter import pallas_kernels
+
+    probed, called = [], []
+    monkeypatch.setattr(ops, "_probe", lambda *a: probed.append(a[0]))
+    monkeypatch.setattr(pallas_kernels, "ms_deform_attn", lambda *a, **k: called.append(1) or "pallas")
+    shapes, value, loc, attn = _small_case(np.random.default_rng(5))
+    assert ops.ms_deform_attn(value, shapes, loc, attn) == "pallas"
+    assert ops.ms_deform_attn(value, shapes, loc, attn) == "pallas"
+    assert probed == ["ms_deform_attn"] and called == [1, 1]  # probed once per signature
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_explicit_pallas_skips_the_check_and_raises(fake_gpu, monkeypatch, how):
+    from jax_adapter import pallas_kernels
+
+    def broken(*a, **k):
+        raise RuntimeError("Triton compilation failed (simulated)")
+
+    def no_probe(*a):
+        raise AssertionError("an explicit 'pallas' must not be checked")
+
+    monkeypatch.setattr(pallas_kernels, "ms_deform_attn", broken)
+    monkeypatch.setattr(ops, "_probe", no_probe)
+    if how == "environment":
+        monkeypatch.setenv(ops.IMPL_ENV, "pallas")
+    shapes, value, loc, attn = _small_case(np.random.default_rng(6))
+    with pytest.raises(RuntimeError, match="simulated"):
+        ops.ms_deform_attn(value, shapes, loc, attn, impl="pallas" if how == "argument" else "auto")

@@ -298,3 +298,74 @@ def test_lowers_to_triton_for_gpu():
         text = jax.jit(run).trace(args, ct).lower(lowering_platforms=("cuda",)).as_text()
         for name in ("msda_forward", "msda_grad_inputs", "msda_grad_value"):
             assert f'name = "{name}"' in text, name
+
+
+def test_default_blocks_follow_the_kernel_report():
+    """Block sizes per head width (``benchmarks/results/kernel_report.md``): [block, C] tiles of
+    2048 elements in the plain forward, 1024 elsewhere, blocks within [8, 128]."""
+    from jax_adapter.pallas_kernels._common import make_config
+
+    def blocks(entry, dh):
+        cfg = make_config(entry, dh, True, None, None, None, None)
+        return cfg.block_q, cfg.block_q_grad, cfg.block_q_value
+
+    assert blocks("plain", 64) == (32, 16, 8)  # ViT-S adapter
+    assert blocks("fused", 64) == (16, 16, 8)
+    assert blocks("plain", 12) == (128, 64, 8) and blocks("fused", 12) == (64, 64, 8)  # DINOv3 ViT-S
+    assert blocks("plain", 128) == (16, 8, 8) and blocks("fused", 128) == (8, 8, 8)  # DINOv3 7B
+    assert blocks("fused", 3) == (128, 128, 8)  # the tiny test model
+    assert make_config("plain", 64, True, 4, 2, None, None).block_q_grad == 4  # explicit wins
+
+
+def _triton_ir(fn, args, ct) -> dict:
+    """Kernel name -> Triton IR text of every Pallas kernel in ``jax.vjp(fn)`` lowered for CUDA
+    (read from the custom calls' backend config; uses jaxlib's MLIR bindings, no GPU)."""
+    from jax._src.interpreters import mlir as jmlir
+    from jax._src.lib.mlir import ir
+    from jaxlib.triton import dialect as triton_dialect
+
+    def run(args, ct):
+        out, vjp = jax.vjp(fn, *args)
+        return out, vjp(ct)
+
+    module = jax.jit(run).trace(args, ct).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
+    found = {}
+
+    def walk(op):
+        op = op.operation if hasattr(op, "operation") else op
+        if op.name == "stablehlo.custom_call" and "triton" in ir.StringAttr(op.attributes["call_target_name"]).value:
+            cfg = ir.DictAttr(op.attributes["mhlo.backend_config"])
+            with jmlir.make_ir_context() as ctx, ir.Location.unknown():
+                triton_dialect.register_dialect(ctx)
+                text = ir.Module.parse(ir.StringAttr(cfg["ir"]).value_bytes).operation.get_asm()
+            found[ir.StringAttr(cfg["name"]).value] = text
+        for region in op.regions:
+            for block in region:
+                for inner in block:
+                    walk(inner)
+
+    walk(module.operation)
+    return found
+
+
+@pytest.mark.parametrize("entry", ["ms_deform_attn", "ms_deform_attn_fused"])
+def test_kernel_code_does_not_grow_with_levels_and_points(entry):
+    """The points are walked in a rolled loop: the same loads and atomics for L*P = 1 and 6.
+    (Unrolled over levels, points and corners, the kernels spilled heavily on sm_80/sm_90.)"""
+    counts = []
+    for shapes, p in ((((4, 5),), 1), (((4, 5), (2, 3)), 3)):
+        n_l, s, b, q, m, dh = len(shapes), sum(h * w for h, w in shapes), 2, 7, 2, 3
+        sds = jax.ShapeDtypeStruct
+        v, ct = sds((b, s, m, dh), jnp.float32), sds((b, q, m * dh), jnp.float32)
+        if entry == "ms_deform_attn":
+            fn = lambda v, l, a: pallas_kernels.ms_deform_attn(v, shapes, l, a, interpret=False)
+            args = (v, sds((b, q, m, n_l, p, 2), jnp.float32), sds((b, q, m, n_l, p), jnp.float32))
+        else:
+            fn = lambda v, r, o, z: pallas_kernels.ms_deform_attn_fused(v, shapes, r, o, z, interpret=False)
+            args = (v, sds((b, q, 2), jnp.float32), sds((b, q, m, n_l, p, 2), jnp.float32),
+                    sds((b, q, m, n_l * p), jnp.float32))
+        irs = _triton_ir(fn, args, ct)
+        assert sorted(irs) == ["msda_forward", "msda_grad_inputs", "msda_grad_value"]
+        assert all("scf.for" in text for text in irs.values())
+        counts.append({k: (t.count("tt.load"), t.count("tt.atomic_rmw"), t.count("tt.store")) for k, t in irs.items()})
+    assert counts[0] == counts[1], counts

@@ -19,6 +19,13 @@ The formulation is shaped by how XLA:CPU compiles gathers, reductions and scatte
   form, as *variadic* reduces: XLA fuses those with their gathers, whereas a plain reduce goes to
   a library kernel that needs its input materialised.
 
+On GPU a sequential loop of ``B*M`` small steps leaves the device mostly idle, and there is
+no cache for the loop to be kind to. The ``"gpu"`` formulation (chosen by backend, see
+:func:`default_formulation`) therefore runs the same per-pair code once over all ``B*Q*M``
+(query, head) rows in ``[B, Q, M]`` order: one fused gather-and-sum for the forward, whose
+result is already in the output layout, one scatter-add and one set of corner dot products for
+the backward. Both formulations compute the same sums and are tested against each other.
+
 Reverse-mode only: forward-mode AD (``jax.jvp``) of a ``custom_vjp`` is not supported.
 
 Accumulation is in at least float32 (``value`` may be bfloat16).
@@ -34,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jax_adapter.errors import ConfigError
+
 Shapes = Tuple[Tuple[int, int], ...]
 
 # Corner dot products reduced together in one variadic reduce: each reduce reads ``g`` once, and
@@ -41,6 +50,14 @@ Shapes = Tuple[Tuple[int, int], ...]
 _DOT_GROUP = 16
 
 _IN_BOUNDS = lax.GatherScatterMode.PROMISE_IN_BOUNDS
+
+FORMULATIONS = ("cpu", "gpu")
+
+
+def default_formulation(backend: str | None = None) -> str:
+    """``"gpu"`` on GPU backends, ``"cpu"`` (the per-pair loop) elsewhere."""
+    backend = jax.default_backend() if backend is None else backend
+    return "gpu" if backend in ("gpu", "cuda", "rocm") else "cpu"
 
 
 def bilinear_corners(loc: jax.Array, h: int, w: int):
@@ -136,12 +153,17 @@ def _pair_corner_dots(table: jax.Array, rows: jax.Array, g: jax.Array) -> jax.Ar
     return jnp.stack(dots, -1)
 
 
-def _sample(value: jax.Array, shapes: Shapes, loc: jax.Array, attn: jax.Array) -> jax.Array:
+def _sample(value: jax.Array, shapes: Shapes, loc: jax.Array, attn: jax.Array,
+            formulation: str) -> jax.Array:
     b, s, m, dh = value.shape
     q = loc.shape[1]
     acc_dtype = jnp.promote_types(value.dtype, jnp.float32)
     rows, wts, _ = _plan(shapes, value.shape, loc, attn, acc_dtype)
     table = value.reshape(b * s * m, dh)
+    if formulation == "gpu":
+        # All pairs at once, rows in [B, Q, M] order: the result is the output layout.
+        out = _pair_forward(table, _bqm(rows, b, m), _bqm(wts, b, m))
+        return out.astype(value.dtype).reshape(b, q, m * dh)
 
     def pair(i, out):
         o = _pair_forward(table, rows[i], wts[i]).astype(value.dtype)
@@ -152,38 +174,51 @@ def _sample(value: jax.Array, shapes: Shapes, loc: jax.Array, attn: jax.Array) -
     return out.reshape(b, q, m * dh)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _ms_deform_attn(value: jax.Array, shapes: Shapes, loc: jax.Array, attn: jax.Array) -> jax.Array:
-    return _sample(value, shapes, loc, attn)
+def _bqm(x: jax.Array, b: int, m: int) -> jax.Array:
+    """``[B*M, Q, K]`` per-pair plan -> ``[B*Q*M, K]`` rows in the ``[B, Q, M]`` order."""
+    _, q, k = x.shape
+    return x.reshape(b, m, q, k).transpose(0, 2, 1, 3).reshape(b * q * m, k)
 
 
-def _fwd(value, shapes, loc, attn):
+@partial(jax.custom_vjp, nondiff_argnums=(1, 4))
+def _ms_deform_attn(value: jax.Array, shapes: Shapes, loc: jax.Array, attn: jax.Array,
+                    formulation: str) -> jax.Array:
+    return _sample(value, shapes, loc, attn, formulation)
+
+
+def _fwd(value, shapes, loc, attn, formulation):
     # Residuals are the inputs themselves: the corner plan is cheap to recompute.
-    return _sample(value, shapes, loc, attn), (value, loc, attn)
+    return _sample(value, shapes, loc, attn, formulation), (value, loc, attn)
 
 
-def _bwd(shapes, res, g):
+def _bwd(shapes, formulation, res, g):
     value, loc, attn = res
     b, s, m, dh = value.shape
     q, n_l, n_p = loc.shape[1], loc.shape[3], loc.shape[4]
     acc_dtype = jnp.promote_types(value.dtype, jnp.float32)
     rows, wts, aux = _plan(shapes, value.shape, loc, attn, acc_dtype)
     table = value.reshape(b * s * m, dh)
-    g = g.reshape(b, q, m, dh)
+    if formulation == "gpu":
+        r, gq = _bqm(rows, b, m), g.reshape(b * q * m, dh).astype(acc_dtype)
+        grad_table = jnp.zeros((b * s * m, dh), acc_dtype).at[r].add(
+            _bqm(wts, b, m)[..., None] * gq[:, None, :], mode=_IN_BOUNDS)
+        dots = _pair_corner_dots(table, r, gq).reshape(b, q, m, -1).transpose(0, 2, 1, 3)
+    else:
+        g = g.reshape(b, q, m, dh)
 
-    def pair(i, carry):
-        grad_table, dots = carry
-        r = rows[i]
-        gp = lax.dynamic_slice(g, (i // m, 0, i % m, 0), (1, q, 1, dh))
-        gp = gp.reshape(q, dh).astype(acc_dtype)
-        # Value gradient: one scatter-add per pair; its rows stay within the pair's slice.
-        grad_table = grad_table.at[r].add(wts[i][..., None] * gp[:, None, :], mode=_IN_BOUNDS)
-        dots = dots.at[i].set(_pair_corner_dots(table, r, gp))
-        return grad_table, dots
+        def pair(i, carry):
+            grad_table, dots = carry
+            r = rows[i]
+            gp = lax.dynamic_slice(g, (i // m, 0, i % m, 0), (1, q, 1, dh))
+            gp = gp.reshape(q, dh).astype(acc_dtype)
+            # Value gradient: one scatter-add per pair; its rows stay within the pair's slice.
+            grad_table = grad_table.at[r].add(wts[i][..., None] * gp[:, None, :], mode=_IN_BOUNDS)
+            dots = dots.at[i].set(_pair_corner_dots(table, r, gp))
+            return grad_table, dots
 
-    grad_table, dots = lax.fori_loop(
-        0, b * m, pair, (jnp.zeros((b * s * m, dh), acc_dtype), jnp.zeros(rows.shape, acc_dtype))
-    )
+        grad_table, dots = lax.fori_loop(
+            0, b * m, pair, (jnp.zeros((b * s * m, dh), acc_dtype), jnp.zeros(rows.shape, acc_dtype))
+        )
     dots = dots.reshape(b, m, q, n_l, n_p, 4)
     attn_bm = attn.transpose(0, 2, 1, 3, 4)
     g_attn, g_loc = [], []
@@ -209,10 +244,16 @@ def ms_deform_attn_xla(
     spatial_shapes: Sequence[Tuple[int, int]],
     sampling_locations: jax.Array,
     attention_weights: jax.Array,
+    formulation: str | None = None,
 ) -> jax.Array:
     """Pure-XLA sampling core; see :func:`jax_adapter.nn.msda.ms_deform_attn` (inputs unchecked).
 
+    ``formulation``: ``"cpu"`` (a loop over the (batch, head) pairs) or ``"gpu"`` (all pairs at
+    once); ``None`` picks by the default backend (:func:`default_formulation`).
     Differentiable in reverse mode (``custom_vjp``); forward-mode AD is not supported.
     """
+    formulation = default_formulation() if formulation is None else formulation
+    if formulation not in FORMULATIONS:
+        raise ConfigError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
     shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
-    return _ms_deform_attn(value, shapes, sampling_locations, attention_weights)
+    return _ms_deform_attn(value, shapes, sampling_locations, attention_weights, formulation)
