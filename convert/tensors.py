@@ -1,6 +1,6 @@
 """Lazy tensor handles: shape and dtype known up front, data read one tensor at a time.
 
-Readers (:mod:`convert.torch_io`, :mod:`convert.safetensors_io`) return handles so that a
+Readers (:mod:`.torch_io`, :mod:`.safetensors_io`) return handles so that a
 checkpoint can be checked against the model from its metadata alone, and converted tensor by
 tensor without holding a second full copy of it.
 """
@@ -20,7 +20,6 @@ DTYPES = {
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 @runtime_checkable
