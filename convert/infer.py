@@ -31,6 +31,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from jax_adapter.models.dinov2 import VARIANTS, DinoV2Config
 from jax_adapter.models.dinov2_adapter import AdapterConfig
+from jax_adapter.errors import ConfigError, ConversionError
 
 TRUNK_FIELDS = tuple(f.name for f in dataclasses.fields(DinoV2Config))
 ADAPTER_FIELDS = tuple(f.name for f in dataclasses.fields(AdapterConfig))
@@ -50,7 +51,7 @@ class Inferred:
 
 
 def source_pos_resize(fmt: str, num_registers: int) -> str:
-    """The position-embedding resize of the source's own forward (SPEC section 6)."""
+    """The position-embedding resize of the source's own forward (docs/SPEC.md section 6)."""
     if fmt == "hf_dinov2":
         return "bicubic_size"
     if fmt == "hf_dinov2_with_registers":
@@ -87,7 +88,7 @@ def hf_fields(cfg: Mapping[str, Any]) -> Dict[str, Any]:
             problems.append(f"non-square patch_size {patch}")
         patch = patch[0]
     if problems:
-        raise ValueError("unsupported Hugging Face config: " + ", ".join(problems))
+        raise ConversionError("unsupported Hugging Face config: " + ", ".join(problems))
     image = cfg.get("image_size", 518)
     image = image[0] if isinstance(image, (list, tuple)) else image
     out = {
@@ -116,16 +117,16 @@ def infer(shapes: Mapping[str, Tuple[int, ...]], fmt: str, hf_config: Optional[d
     unknown: Dict[str, str] = {}
     pos = shapes.get("pos_embed")
     if pos is None or len(pos) != 3:
-        raise ValueError("missing keys: pos_embed" if pos is None else f"pos_embed has shape {pos}, expected [1, N, D]")
+        raise ConversionError("missing keys: pos_embed" if pos is None else f"pos_embed has shape {pos}, expected [1, N, D]")
     d, n = pos[2], pos[1] - 1
     m = math.isqrt(n)
     if m * m != n:
-        raise ValueError(f"pos_embed has {n} patch positions, not a square grid")
+        raise ConversionError(f"pos_embed has {n} patch positions, not a square grid")
     patch = shapes.get("patch_embed.proj.weight")
     p = patch[-1] if patch is not None and len(patch) == 4 else 14
     fixed.update(embed_dim=d, patch_size=p, pretrain_size=m * p, depth=_count(shapes, "blocks."))
     if not fixed["depth"]:
-        raise ValueError("no transformer blocks (blocks.N.*) in the checkpoint")
+        raise ConversionError("no transformer blocks (blocks.N.*) in the checkpoint")
     regs = shapes.get("register_tokens")
     fixed["num_register_tokens"] = regs[1] if regs is not None and len(regs) == 3 else 0
     ffn = "swiglu" if "blocks.0.mlp.w12.weight" in shapes else "mlp"
@@ -204,11 +205,11 @@ def read_config_json(path: str) -> Tuple[Dict[str, Any], str]:
         with open(path) as f:
             d = json.load(f)
     except OSError as e:
-        raise ValueError(f"{path}: cannot read config ({e.strerror})") from None
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a JSON object of config fields")
+        raise ConfigError(f"{path}: expected a JSON object of config fields")
     if str(d.get("model_type", "")).startswith("dinov2"):
         return hf_fields(d), "hf"
     if any(k in d for k in _HUB_MARKERS):
@@ -224,7 +225,7 @@ def given_fields(config: Any = None, preset: Optional[str] = None, *, kind: str)
     position-embedding resize, which is the source's.
     """
     if config is not None and preset is not None:
-        raise ValueError("give --config or --preset, not both")
+        raise ConfigError("give --config or --preset, not both")
     if preset is not None:
         cfg = AdapterConfig.preset(preset) if kind == "adapter" else DinoV2Config.preset(preset)
         fields = cfg.to_dict()
@@ -249,15 +250,17 @@ def given_fields(config: Any = None, preset: Optional[str] = None, *, kind: str)
     return fields, label
 
 
-def resolve(inferred: Inferred, given: Mapping[str, Any], label: str, kind: str):
+def resolve(inferred: Inferred, given: Mapping[str, Any], label: str, kind: str, *,
+            missing_hint: str = "pass --config or --preset"):
     """The :class:`AdapterConfig` (``kind="adapter"``) or :class:`DinoV2Config` of the
-    converted model; ``ValueError`` naming each field where ``given`` contradicts the tensors
-    or where a needed field is neither inferable nor given."""
+    converted model; ``ConversionError`` naming each field where ``given`` contradicts the
+    tensors or where a needed field is neither inferable nor given (then ``missing_hint`` says
+    what to do)."""
     cls = AdapterConfig if kind == "adapter" else DinoV2Config
     names = ADAPTER_FIELDS if kind == "adapter" else TRUNK_FIELDS
     fields: Dict[str, Any] = dict(inferred.defaults)
     # The trunk alone keeps its source's resize; the DinoAdapter resizes size-based, no
-    # antialias, whatever its trunk came from (SPEC section 5).
+    # antialias, whatever its trunk came from (docs/SPEC.md section 5).
     fields["pos_embed_resize"] = inferred.source_pos_resize if kind == "dinov2" else "bicubic_size"
     fields.update(given)
     fields.update({k: v for k, v in inferred.fixed.items() if k not in given})
@@ -282,17 +285,17 @@ def resolve(inferred: Inferred, given: Mapping[str, Any], label: str, kind: str)
             else:
                 fields["deform_num_heads"], fields["n_points"] = split
     if bad:
-        raise ValueError("config does not match the checkpoint: " + "; ".join(bad))
+        raise ConversionError("config does not match the checkpoint: " + "; ".join(bad))
     if unknown:
         missing = "; ".join(f"{k} ({why})" for k, why in unknown.items())
-        raise ValueError(f"cannot infer {missing} from the checkpoint: pass --config or --preset")
+        raise ConversionError(f"cannot infer {missing} from the checkpoint: {missing_hint}")
     extra = sorted(set(fields) - set(ADAPTER_FIELDS))
     if extra:
-        raise ValueError(f"unknown config fields in {label}: {', '.join(extra)}")
+        raise ConfigError(f"unknown config fields in {label}: {', '.join(extra)}")
     try:
         return cls.from_dict({k: v for k, v in fields.items() if k in names})
     except (TypeError, ValueError) as e:
-        raise ValueError(f"invalid config ({label}): {e}") from None
+        raise ConfigError(f"invalid config ({label}): {e}") from None
 
 
 def _deform_split(prod: int, given: Mapping[str, Any], label: str, fields: Mapping[str, Any]):
@@ -333,10 +336,10 @@ def dinov2_config_from_hub(kwargs: Dict[str, Any]) -> DinoV2Config:
              "interpolate_offset", "qkv_bias", "proj_bias", "ffn_bias", "drop_path_rate"}
     unknown = sorted(set(kwargs) - known)
     if unknown:
-        raise ValueError(f"unknown DINOv2 hub arguments: {', '.join(unknown)}")
+        raise ConversionError(f"unknown DINOv2 hub arguments: {', '.join(unknown)}")
     ffn = kwargs.get("ffn_layer", "mlp")
     if ffn not in ("mlp", "swiglu", "swiglufused"):
-        raise ValueError(f"unsupported DINOv2 ffn_layer {ffn!r}")
+        raise ConversionError(f"unsupported DINOv2 ffn_layer {ffn!r}")
     if kwargs.get("interpolate_antialias", False):
         mode = "bicubic_size_antialias"
     elif kwargs.get("interpolate_offset", 0.1):

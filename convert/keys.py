@@ -27,6 +27,7 @@ from jax_adapter.checkpoint import _is_float, cast_floats, numpy_dtype
 
 from .tensors import load
 from jax_adapter.nn.layers import BatchNorm2d, ConvTranspose2x2
+from jax_adapter.errors import ConversionError
 
 Path = Tuple
 
@@ -140,7 +141,7 @@ def check_fit(
     if bad_shape:
         problems.append(f"mis-shaped keys: {_fmt(bad_shape)}")
     if problems:
-        raise ValueError(f"{source} does not fit the model: " + "; ".join(problems))
+        raise ConversionError(f"{source} does not fit the model: " + "; ".join(problems))
     return [k for k in missing if allow_missing(k)]
 
 
@@ -153,7 +154,7 @@ def check_stored(expected: Dict[str, Slot], shapes: Dict[str, Tuple[int, ...]], 
     problems = [f"{what}: {_fmt(keys)}" for what, keys in
                 (("unexpected arrays", unknown), ("missing arrays", missing), ("mis-shaped arrays", bad_shape)) if keys]
     if problems:
-        raise ValueError(f"{source}: stored arrays do not fit its config: " + "; ".join(problems))
+        raise ConversionError(f"{source}: stored arrays do not fit its config: " + "; ".join(problems))
 
 
 def convert_tensors(

@@ -16,20 +16,22 @@ import os
 from typing import Any, Dict, Optional, TextIO
 
 import numpy as np
+from tqdm import tqdm
 
 from jax_adapter import checkpoint
-from .infer import ADAPTER_FIELDS, TRUNK_FIELDS, given_fields, infer, resolve, variant_name
+from jax_adapter.progress import progress_bar
+
+from . import formats
 from .keys import cast_floats, check_fit, check_stored, convert_tensors, slots, torch_arrays
-from .progress import Progress
 from .reader import open_source
-from .sources import is_trunk_key, source_names, to_canonical, to_dinov2_hub
 from .tensors import nbytes, shape_of
+from jax_adapter.errors import ConversionError, JaxAdapterError
 
 EXPORT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _BATCH_STATS = (".mean", ".var", ".num_batches_tracked", "running_mean", "running_var")
 
 
-def sha256(path: str, bar: Optional[Progress] = None) -> str:
+def sha256(path: str, bar: Optional[tqdm] = None) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -41,7 +43,7 @@ def sha256(path: str, bar: Optional[Progress] = None) -> str:
 
 def _file_records(paths, stream: Optional[TextIO]) -> list:
     total = sum(os.path.getsize(p) for p in paths)
-    with Progress(total, "hashing   ", stream=stream) as bar:
+    with progress_bar(total, "hashing", stream=stream) as bar:
         return [{"name": os.path.basename(p), "bytes": os.path.getsize(p), "sha256": sha256(p, bar)}
                 for p in paths]
 
@@ -63,14 +65,22 @@ def convert_file(
     src: str, dst: str, config: Any = None, *, preset: Optional[str] = None,
     prefix: Optional[str] = None, trunk_only: bool = False, overwrite: bool = False,
     dtype: Optional[str] = None, seed: int = 0, progress: Optional[TextIO] = None,
+    origin: Optional[str] = None,
 ) -> Dict[str, object]:
     """Convert ``src`` into the checkpoint directory ``dst``; returns the provenance record.
 
+    ``origin``: where ``src`` came from (a pretrained name, URL or ``hf-hub:`` name), recorded
+    in the provenance.
+
     ``src``: a DINOv2 hub or DinoAdapter ``.pth`` (possibly a detector checkpoint with the
-    backbone under a prefix), or a Hugging Face DINOv2 model folder or weights file.
+    backbone under a prefix), a Hugging Face DINOv2 model folder or weights file; or a DINOv3
+    Meta hub ``.pth`` (a ``-<sha256[:8]>.pth`` name is checked against the file), a Meta
+    ``DINOv3_Adapter`` ``state_dict`` or segmentor checkpoint, or a Hugging Face
+    ``DINOv3ViTModel`` (see :mod:`.formats`; the family decides the kinds below).
     ``config``: a JSON path, dict or config object, or ``preset``: completes or overrides what
     the tensors imply (a contradiction is an error). With ``trunk_only`` the result is a
-    :class:`~jax_adapter.DinoV2` checkpoint; otherwise a DinoAdapter, whose adapter is freshly
+    :class:`~jax_adapter.DinoV2` (DINOv3: ``DinoV3``) checkpoint; otherwise a DinoAdapter
+    (DINOv3: ``DinoV3Adapter``), whose adapter is freshly
     initialised (``seed``) when the source holds only a trunk. ``dtype`` (``"float32"`` /
     ``"bfloat16"``) is the stored arrays' dtype (default: the config's ``param_dtype``).
     ``progress``: the stream for progress bars (default stderr, shown only on a terminal).
@@ -78,28 +88,45 @@ def convert_file(
     from jax_adapter.checkpoint import abstract_model, init_arrays
 
     checkpoint.check_destination(dst, overwrite)
-    kind = "dinov2" if trunk_only else "adapter"
     source = open_source(src, prefix)
+    fmt = formats.get(source.format)
+    family = fmt.family
+    kind = family.trunk_kind if trunk_only else family.adapter_kind
+    # Messages name missing keys as the source does (a trunk source read into an adapter: the
+    # trunk's part without the adapter's prefix).
+    outer = family.trunk_prefix if (not fmt.holds_adapter and not trunk_only) else ""
+    names = lambda k: fmt.source_names(k[len(outer):]) if k.startswith(outer) else [k]  # noqa: E731
     try:
-        tensors = to_canonical(source.tensors, source.format)
-        if trunk_only:
-            tensors = {k: t for k, t in tensors.items() if is_trunk_key(k)}
-        dropped = _unused(source.tensors, tensors)
+        tensors = fmt.to_canonical(source.tensors)
+        if fmt.holds_adapter and trunk_only:
+            tensors = family.trunk_of(tensors)
+        elif not fmt.holds_adapter and not trunk_only:
+            tensors = family.in_adapter(tensors)
         shapes = {k: shape_of(t) for k, t in tensors.items()}
-        inferred = infer(shapes, source.format, source.hf_config)
-        given, label = given_fields(config, preset, kind=kind)
-        cfg = resolve(inferred, given, label, kind)
-    except ValueError as e:
-        raise ValueError(f"{src}: {e}") from None
+        source_shapes = {k: shape_of(t) for k, t in source.tensors.items()}
+        configured = family.configure(shapes, source_shapes, source.format, source.hf_config, config,
+                                      preset, kind)
+        cfg = configured.config
+        expected = slots(abstract_model(kind, cfg))
+        # Tensors the model may lack (an unused mask token) are dropped, not refused.
+        tensors = {k: t for k, t in tensors.items() if k in expected or not family.optional(k)}
+        shapes = {k: shapes[k] for k in tensors}
+        dropped = _unused(source.tensors, tensors)
+        family.check(source.tensors, tensors, cfg, kind)
+    except JaxAdapterError as e:
+        raise ConversionError(f"{src}: {e}") from None
 
-    expected = slots(abstract_model(kind, cfg))
-    fresh_adapter = kind == "adapter" and source.format != "dinoadapter"
-    fresh = check_fit(expected, shapes, source=src, names=source_names(source.format),
-                      allow_missing=(lambda k: not is_trunk_key(k)) if fresh_adapter else (lambda k: False))
+    fresh_adapter = kind == family.adapter_kind and not fmt.holds_adapter
+    fresh = check_fit(expected, shapes, source=src, names=names,
+                      allow_missing=(lambda k: not family.is_trunk_key(k)) if fresh_adapter else (lambda k: False))
     files = _file_records(source.files, progress)
+    try:
+        family.check_files(files)  # before anything is written
+    except JaxAdapterError as e:
+        raise ConversionError(f"{src}: {e}") from None
     stored_dtype = dtype or cfg.param_dtype
     total = sum(nbytes(t) for t in tensors.values())
-    with Progress(total, "converting", stream=progress) as bar:
+    with progress_bar(total, "converting", stream=progress) as bar:
         arrays = convert_tensors(expected, tensors, dtype=stored_dtype, on_tensor=bar.update)
     if fresh:
         new = init_arrays(kind, cfg, [expected[k].path for k in fresh], seed)
@@ -118,22 +145,24 @@ def convert_file(
         "dropped_keys": dropped[:20],
         "source_dtypes": _dtype_names(t.dtype for t in tensors.values()),
         "dtype": stored_dtype,
-        "source_pos_embed_resize": inferred.source_pos_resize,
+        **configured.provenance,
     }
+    if origin is not None:
+        provenance["origin"] = origin
     if len(files) == 1:
         provenance["sha256"] = files[0]["sha256"]
     # Unmap the source before writing: its pages read so far count in this process's memory.
     del source, tensors
     written = sum(a.nbytes for a in arrays.values())
-    with Progress(written, "writing   ", stream=progress) as bar:
+    with progress_bar(written, "writing", stream=progress) as bar:
         checkpoint.save(dst, arrays, kind, cfg.to_dict(), provenance, overwrite=overwrite)
         bar.update(written)
     return provenance
 
 
 def export_checkpoint(
-    ckpt: str, out: str, *, dinov2_only: bool = False, overwrite: bool = False,
-    dtype: Optional[str] = None, progress: Optional[TextIO] = None,
+    ckpt: str, out: str, *, trunk_only: bool = False, dinov2_only: bool = False,
+    overwrite: bool = False, dtype: Optional[str] = None, progress: Optional[TextIO] = None,
 ) -> Dict[str, object]:
     """Write a checkpoint directory's weights as a PyTorch ``state_dict`` file.
 
@@ -141,44 +170,54 @@ def export_checkpoint(
     the seed DinoAdapter's; a trunk checkpoint, or ``dinov2_only``, gives the DINOv2 hub's
     (with a zero ``mask_token``, which the hub model expects and never uses at inference).
     Arrays keep their stored dtype unless ``dtype``; counters are int64, as in PyTorch.
+
+    DINOv3 checkpoints are written in Meta's names: the adapter's ``state_dict`` (trunk under
+    ``backbone.``), or with ``trunk_only`` (and for a trunk checkpoint) the hub trunk's, with
+    the buffers Meta's ``load_state_dict(strict=True)`` expects (``rope_embed.periods``,
+    ``qkv.bias_mask``, ``mask_token``). ``dinov2_only`` is ``trunk_only`` for DINOv2 checkpoints.
     """
     from .safetensors_io import write_safetensors
     from .torch_io import write_pth
     from jax_adapter.checkpoint import abstract_model
 
     if not out.lower().endswith(EXPORT_SUFFIXES):
-        raise ValueError(f"{out}: unknown output format (expected {', '.join(EXPORT_SUFFIXES)})")
+        raise ConversionError(f"{out}: unknown output format (expected {', '.join(EXPORT_SUFFIXES)})")
     checkpoint.check_destination(out, overwrite)
     record = checkpoint.read_record(ckpt)
     kind = record["kind"]
+    family = formats.family_of_kind(kind)
+    if dinov2_only and family.name != "dinov2":
+        raise ConversionError(f"{ckpt}: --dinov2-only exports a DINOv2 trunk, this is a {kind} "
+                              f"checkpoint (use --trunk-only)")
     try:
-        expected = slots(abstract_model(kind, record["config"]))
+        model = abstract_model(kind, record["config"])
+        expected, cfg = slots(model), model.cfg
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{ckpt}: invalid config in {checkpoint.RECORD} ({e})") from None
+        raise ConversionError(f"{ckpt}: invalid config in {checkpoint.RECORD} ({e})") from None
     check_stored(expected, {k: v[0] for k, v in checkpoint.array_shapes(ckpt).items()}, source=ckpt)
-    hub_names = kind == "dinov2" or dinov2_only
-    if hub_names:
-        expected = {k: s for k, s in expected.items() if is_trunk_key(k)}
+    hub_names = kind == family.trunk_kind or trunk_only or dinov2_only
+    if hub_names and kind == family.adapter_kind:
+        p = family.trunk_prefix
+        expected = {k[len(p):]: s for k, s in expected.items() if family.is_trunk_key(k)}
     arrays = checkpoint.read_arrays(ckpt)
     total = sum(a.nbytes for a in arrays.values())
     sd = {}
-    with Progress(total, "exporting ", stream=progress) as bar:
+    with progress_bar(total, "exporting", stream=progress) as bar:
         # Each stored array is dropped once converted: about one copy of the weights at a time.
         for key, a in torch_arrays(expected, arrays, pop=True, dtype=dtype):
             sd[key] = a
             bar.update(a.nbytes)
     del arrays  # what is left: the adapter's arrays of a --dinov2-only export
-    if hub_names:
-        sd = to_dinov2_hub(sd)
+    sd = family.export_trunk(sd, cfg) if hub_names else family.export_adapter(sd, cfg)
     if out.lower().endswith(".safetensors"):
-        write = lambda tmp: write_safetensors(tmp, sd.items(), {"format": "pt"})  # noqa: E731
+        write = lambda tmp: write_safetensors(tmp, sd, {"format": "pt"})  # noqa: E731
     else:
         write = lambda tmp: write_pth(tmp, sd.items())  # noqa: E731
     written = sum(a.nbytes for a in sd.values())
-    with Progress(written, "writing   ", stream=progress) as bar:
+    with progress_bar(written, "writing", stream=progress) as bar:
         checkpoint.write_file(out, write, overwrite=overwrite)
         bar.update(written)
-    return {"written": out, "kind": kind, "names": "dinov2_hub" if hub_names else "dinoadapter",
+    return {"written": out, "kind": kind, "names": family.trunk_names if hub_names else family.adapter_names,
             "tensors": len(sd), "dtypes": _dtype_names(a.dtype for a in sd.values())}
 
 
@@ -193,19 +232,23 @@ def inspect_path(path: str, prefix: Optional[str] = None) -> Dict[str, object]:
         stored = checkpoint.array_shapes(path)
         cfg = record["config"]
         return {
-            "path": path, "format": "jax-adapter", "kind": record["kind"], "variant": variant_name(cfg),
+            "path": path, "format": "jax-adapter", "kind": record["kind"],
+            "variant": formats.family_of_kind(record["kind"]).variant(cfg) or "custom",
             "parameters": _parameter_count({k: v[0] for k, v in stored.items()}),
             "tensors": len(stored), "dtypes": _dtype_names(v[1] for v in stored.values()),
             "config": cfg, "provenance": record.get("provenance", {}),
+            "source_pos_embed_resize": record.get("provenance", {}).get("source_pos_embed_resize"),
         }
     source = open_source(path, prefix)
+    fmt = formats.get(source.format)
+    kind = fmt.family.adapter_kind if fmt.holds_adapter else fmt.family.trunk_kind
     try:
-        tensors = to_canonical(source.tensors, source.format)
+        tensors = fmt.to_canonical(source.tensors)
         shapes = {k: shape_of(t) for k, t in tensors.items()}
-        inferred = infer(shapes, source.format, source.hf_config)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-    kind = "adapter" if source.format == "dinoadapter" else "dinov2"
+        source_shapes = {k: shape_of(t) for k, t in source.tensors.items()}
+        described = fmt.family.describe(shapes, source_shapes, source.format, source.hf_config, kind)
+    except JaxAdapterError as e:
+        raise ConversionError(f"{path}: {e}") from None
     info: Dict[str, Any] = {
         "path": path, "format": source.format, "kind": kind,
         "container": ".".join(source.container), "prefix": source.prefix,
@@ -213,14 +256,8 @@ def inspect_path(path: str, prefix: Optional[str] = None) -> Dict[str, object]:
         "tensors": len(source.tensors), "other_tensors": source.other_tensors,
         "dtypes": _dtype_names(t.dtype for t in source.tensors.values()),
     }
-    try:
-        info["config"] = resolve(inferred, {}, "no config", kind).to_dict()
-    except ValueError as e:
-        names = ADAPTER_FIELDS if kind == "adapter" else TRUNK_FIELDS
-        known = {**inferred.defaults, **inferred.fixed, "pos_embed_resize": inferred.source_pos_resize}
-        info["config"] = {k: v for k, v in known.items() if k in names}
-        info["unresolved"] = str(e)
-    info["variant"] = variant_name(info["config"])
+    info.update(described)
+    info["variant"] = info.get("variant") or "custom"
     return info
 
 
@@ -244,6 +281,11 @@ def format_info(info: Dict[str, object]) -> str:
     if info.get("unresolved"):
         lines.append(("unresolved", info["unresolved"]))
     lines.append(("config", json.dumps(info["config"], sort_keys=True)))
+    if info.get("source_pos_embed_resize"):
+        mode = info["source_pos_embed_resize"]
+        note = (" (a --trunk-only conversion keeps it; a DinoAdapter uses bicubic_size)"
+                if info["format"] != "jax-adapter" and info["kind"] == "dinov2" else "")
+        lines.append(("pos resize", f"{mode} in the source{note}"))
     if info.get("provenance"):
         lines.append(("provenance", json.dumps(info["provenance"], sort_keys=True)))
     return "\n".join(f"{k + ':':<14}{v}" for k, v in lines)

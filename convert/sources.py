@@ -14,6 +14,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Tuple
 import numpy as np
 
 from .tensors import ArrayTensor, concat
+from jax_adapter.errors import ConversionError
 
 FORMATS = ("dinoadapter", "dinov2_hub", "hf_dinov2", "hf_dinov2_with_registers")
 
@@ -36,7 +37,7 @@ def detect_format(keys: Iterable[str]) -> str:
     if "pos_embed" in keys and any(k.startswith("blocks.") for k in keys):
         return "dinov2_hub"
     sample = ", ".join(sorted(keys)[:4])
-    raise ValueError(
+    raise ConversionError(
         f"unknown checkpoint format: neither DinoAdapter, DINOv2 hub nor Hugging Face DINOv2 keys "
         f"(found {len(keys)} tensors: {sample}{', ...' if len(keys) > 4 else ''})"
     )
@@ -133,7 +134,7 @@ def from_hf(sd: Mapping[str, object]) -> Dict[str, object]:
         ordered = [parts[j] for j in range(len(hf))]
         out[hub.format(i=i, p=p)] = ordered[0] if len(ordered) == 1 else concat(ordered)
     if absent:
-        raise ValueError(f"missing keys: {', '.join(sorted(absent))}")
+        raise ConversionError(f"missing keys: {', '.join(sorted(absent))}")
     return out
 
 

@@ -15,6 +15,7 @@ from typing import Dict, Iterable, Optional, Tuple
 import numpy as np
 
 from .tensors import DTYPES
+from jax_adapter.errors import ConversionError
 
 # Keys that hold the model inside training checkpoints (detectors, mmengine, DINOv2 trainers).
 _NESTED = ("state_dict", "model", "teacher", "module")
@@ -26,7 +27,7 @@ def _import_torch():
     try:
         import torch
     except ImportError as e:
-        raise ValueError("reading .pth/.bin checkpoints needs torch: pip install 'jax-adapter[torch]'") from e
+        raise ConversionError("reading .pth/.bin checkpoints needs torch: pip install 'jax-adapter[torch]'") from e
     return torch
 
 
@@ -38,19 +39,19 @@ def is_torch_file(path: str) -> bool:
     return head.startswith(b"PK\x03\x04") or head == _LEGACY_MAGIC
 
 
-def _load_error(path: str, e: Exception) -> ValueError:
+def _load_error(path: str, e: Exception) -> ConversionError:
     text = " ".join(str(e).split())
     if "weights only load failed" in text.lower():
         # Refused by the weights-only unpickler: the file holds Python objects besides tensors.
         m = re.search(r"unsupported GLOBAL:? (?:GLOBAL )?([\w.]+)", text, re.IGNORECASE)
         what = m.group(1) if m else "Python objects"
-        return ValueError(
+        return ConversionError(
             f"{path}: refusing to unpickle {what} (only tensors and plain containers are "
             f"read, with torch.load(weights_only=True)); re-save the weights alone, e.g. "
             f"torch.save(ckpt['state_dict'], 'weights.pth')"
         )
     first = text.split(". ")[0] if text else type(e).__name__
-    return ValueError(f"{path}: not a readable PyTorch checkpoint ({first})")
+    return ConversionError(f"{path}: not a readable PyTorch checkpoint ({first})")
 
 
 def read_pth(path: str) -> Dict[str, object]:
@@ -59,7 +60,7 @@ def read_pth(path: str) -> Dict[str, object]:
     Zip-format files are memory-mapped; nothing is read until a tensor's data is used.
     """
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
+        raise ConversionError(f"{path}: no such file")
     torch = _import_torch()
     mmap = zipfile.is_zipfile(path)
     try:
@@ -67,7 +68,7 @@ def read_pth(path: str) -> Dict[str, object]:
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise _load_error(path, e) from e
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+        raise ConversionError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
     return obj
 
 
@@ -131,7 +132,7 @@ def find_state_dict(obj: Dict[str, object], source: str = "checkpoint") -> Dict[
         else:
             break
     if not any(_is_tensor(v) for v in obj.values()):
-        raise ValueError(f"{source}: no tensors found (looked under {', '.join(_NESTED)})")
+        raise ConversionError(f"{source}: no tensors found (looked under {', '.join(_NESTED)})")
     return obj
 
 

@@ -32,6 +32,8 @@ from flax import nnx
 from jax_adapter.errors import CheckpointError
 from jax_adapter.models.dinov2 import DinoV2, DinoV2Config
 from jax_adapter.models.dinov2_adapter import AdapterConfig, DinoAdapter
+from jax_adapter.models.dinov3 import DinoV3, DinoV3Config
+from jax_adapter.models.dinov3_adapter import DinoV3Adapter, DinoV3AdapterConfig
 
 Model = Union[DinoAdapter, DinoV2]
 STORED = nnx.Any(nnx.Param, nnx.BatchStat)  # what checkpoints hold
@@ -40,6 +42,8 @@ STORED = nnx.Any(nnx.Param, nnx.BatchStat)  # what checkpoints hold
 MODEL_KINDS: Dict[str, Tuple[type, type]] = {
     "adapter": (DinoAdapter, AdapterConfig),
     "dinov2": (DinoV2, DinoV2Config),
+    "dinov3": (DinoV3, DinoV3Config),
+    "dinov3_adapter": (DinoV3Adapter, DinoV3AdapterConfig),
 }
 
 
@@ -52,6 +56,13 @@ def kind_of(model: nnx.Module) -> str:
     for kind, (model_cls, _) in MODEL_KINDS.items():
         if type(model) is model_cls:
             return kind
+    known = tuple(c for c, _ in MODEL_KINDS.values())
+    if isinstance(getattr(model, "backbone", None), known):
+        # A detector or segmenter around one of ours (the training example's SegmentationModel):
+        # its head has no checkpoint kind, its backbone has.
+        raise CheckpointError(
+            f"cannot save a {type(model).__name__}: save its backbone, a "
+            f"{type(model.backbone).__name__}: save_pretrained(model.backbone, dst)")
     raise CheckpointError(
         f"cannot save a {type(model).__name__}: expected one of "
         f"{', '.join(c.__name__ for c, _ in MODEL_KINDS.values())} (for a model that holds a "

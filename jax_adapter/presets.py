@@ -7,12 +7,16 @@ smoke runs. Each family registers its names here; ``PRESETS`` lists them all.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, Callable, Dict, List, Tuple
 
 from jax_adapter.errors import ConfigError
 from jax_adapter.models.dinov2 import VARIANTS, DinoV2Config
 from jax_adapter.models.dinov2_adapter import AdapterConfig
+from jax_adapter.models.dinov3 import HUB_VARIANTS as DINOV3_VARIANTS, hub_config as dinov3_hub_config
+from jax_adapter.models.dinov3 import DinoV3Config
+from jax_adapter.models.dinov3_adapter import DinoV3AdapterConfig, default_interaction_indexes
 
 # name -> (config factory, trunk-config factory)
 _REGISTRY: Dict[str, Tuple[Callable[[], Any], Callable[[], Any]]] = {}
@@ -55,6 +59,35 @@ for _v in VARIANTS:
                  lambda v=_v, r=_regs: _dinov2(v, r)[0])
 
 
+# DINOv3 trunks with the hub's arguments (dinov3/hub/backbones.py); ``dinov3_vitl16_sat`` is the
+# ViT-L of the SAT-493M weights (with its unused local_cls_norm).
+for _v in DINOV3_VARIANTS:
+    register(f"dinov3_{_v}", lambda v=_v: dinov3_hub_config(v), lambda v=_v: dinov3_hub_config(v))
+
+
+# DINOv3 adapters (Meta's DINOv3_Adapter): upstream's defaults around a hub trunk, tapping the
+# blocks upstream's segmentor taps (S/B [2,5,8,11], L [4,11,17,23], H+ [7,15,23,31], 7B
+# [9,19,29,39]).
+DINOV3_ADAPTER_VARIANTS = ("vits16", "vits16plus", "vitb16", "vitl16", "vitl16plus", "vith16plus", "vit7b16")
+
+
+def _dinov3_adapter(variant: str) -> DinoV3AdapterConfig:
+    trunk = dinov3_hub_config(variant)
+    return DinoV3AdapterConfig(backbone=trunk, interaction_indexes=default_interaction_indexes(trunk.depth))
+
+
+def _dinov3_tiny_adapter() -> DinoV3AdapterConfig:
+    # The test fixture's shape (embed 96, depth 4, 6 heads, conv_inplane 16), for CPU smoke runs.
+    trunk = dinov3_hub_config("vits16").replace(embed_dim=96, depth=4, num_heads=6)
+    return DinoV3AdapterConfig(backbone=trunk, interaction_indexes=(0, 1, 2, 3), conv_inplane=16,
+                               drop_path_rate=0.0, with_cp=False)
+
+
+for _v in DINOV3_ADAPTER_VARIANTS:
+    register(f"dinov3_{_v}_adapter", lambda v=_v: _dinov3_adapter(v), lambda v=_v: dinov3_hub_config(v))
+register("dinov3_tiny_adapter", _dinov3_tiny_adapter, lambda: _dinov3_tiny_adapter().backbone)
+
+
 def names() -> List[str]:
     return list(_REGISTRY)
 
@@ -85,8 +118,19 @@ def read_json(path: str) -> Dict[str, Any]:
     return d
 
 
+_DINOV3_ONLY = frozenset(f.name for f in dataclasses.fields(DinoV3Config)) - frozenset(
+    f.name for f in dataclasses.fields(AdapterConfig))
+
+
 def config_from_dict(d: Dict[str, Any]) -> Any:
-    """The config a dict of fields describes (PyTorch keyword arguments or our own fields)."""
+    """The config a dict of fields describes (PyTorch keyword arguments or our own fields):
+    with ``"backbone"`` a DINOv3 adapter (``DINOv3_Adapter`` arguments + the trunk's); with
+    ``DinoVisionTransformer`` arguments only (at least one DINOv3-specific one, such as
+    ``n_storage_tokens`` or ``ffn_ratio``) a DINOv3 trunk; otherwise a DinoAdapter."""
+    if "backbone" in d:
+        return DinoV3AdapterConfig.from_dict(d)
+    if "interaction_indexes" not in d and set(d) & _DINOV3_ONLY:
+        return DinoV3Config.from_dict(d)
     return AdapterConfig.from_dict(d)
 
 

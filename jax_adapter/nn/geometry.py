@@ -8,15 +8,22 @@ The Spatial Prior Module's stride-2 ops (conv k3 s2 p1 and max-pool k3 s2 p1) ma
 ``ceil(n / 2)``; the level sizes are therefore a chain of ceil-halvings of the padded size, not
 ``Hp // 8, Hp // 16, Hp // 32`` (which is what the PyTorch original assumes, and why it fails at
 256x704).
+
+Two padding policies: the DINOv2 adapter pads to a multiple of its patch size (14); the DINOv3
+adapter (patch 16) pads to a multiple of 32 (``pad_multiple=32``), where every SPM level is an
+exact halving, the ViT grid equals c3 and all of the upstream module's floor-derived sizes are
+the true ones (see :func:`dinov3_geometry`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
+
+from jax_adapter.errors import InputError
 
 Shape2 = Tuple[int, int]
 
@@ -45,7 +52,8 @@ class AdapterGeometry:
     Attributes:
       image_size: ``(h, w)`` of the caller's images.
       patch_size: ViT patch size ``p``.
-      padded: ``(Hp, Wp)``, the size after zero-padding bottom/right to a multiple of ``p``.
+      padded: ``(Hp, Wp)``, the size after zero-padding bottom/right to a multiple of
+        ``pad_multiple`` (``p`` for DINOv2, 32 for DINOv3).
       vit_grid: ``(Hv, Wv) = (Hp/p, Wp/p)``, the ViT token grid.
       spm_shapes: the four SPM map sizes ``(c1, c2, c3, c4)`` (strides 4, 8, 16, 32 of ``padded``).
       output_sizes: sizes of ``f1..f4`` after cropping.
@@ -59,6 +67,12 @@ class AdapterGeometry:
     spm_shapes: Tuple[Shape2, Shape2, Shape2, Shape2]
     output_sizes: Tuple[Shape2, Shape2, Shape2, Shape2]
     vit_output_size: Shape2
+    pad_multiple: int = 0  # 0: the patch size
+
+    @property
+    def pad_to(self) -> int:
+        """The multiple the input is padded to (``patch_size`` unless set otherwise)."""
+        return self.pad_multiple or self.patch_size
 
     @property
     def pad(self) -> Shape2:
@@ -103,7 +117,8 @@ class AdapterGeometry:
 
     def describe(self) -> str:
         lines = [
-            f"input {self.image_size[0]}x{self.image_size[1]} -> padded {self.padded[0]}x{self.padded[1]}",
+            f"input {self.image_size[0]}x{self.image_size[1]} -> padded {self.padded[0]}x{self.padded[1]}"
+            + (f" (multiple of {self.pad_to})" if self.pad_to != self.patch_size else ""),
             f"vit grid {self.vit_grid[0]}x{self.vit_grid[1]} ({self.num_vit_tokens} tokens)",
         ]
         for i, (s, o) in enumerate(zip(self.spm_shapes, self.output_sizes)):
@@ -112,14 +127,21 @@ class AdapterGeometry:
         return "\n".join(lines)
 
 
-@functools.lru_cache(maxsize=256)
-def compute_geometry(h: int, w: int, patch_size: int = 14) -> AdapterGeometry:
-    """Geometry for an ``h x w`` input; raises ``ValueError`` if any output would be empty."""
-    for name, v in (("height", h), ("width", w), ("patch_size", patch_size)):
+# typed: 32.0 and True must not hit the cache entries of 32 and 1 (they are refused below).
+@functools.lru_cache(maxsize=256, typed=True)
+def compute_geometry(h: int, w: int, patch_size: int = 14, pad_multiple: Optional[int] = None
+                     ) -> AdapterGeometry:
+    """Geometry for an ``h x w`` input padded to a multiple of ``pad_multiple`` (default: the
+    patch size; it must be a multiple of it); raises ``InputError`` (a ``ValueError``) if any
+    output would be empty."""
+    m = patch_size if pad_multiple is None else pad_multiple
+    for name, v in (("height", h), ("width", w), ("patch_size", patch_size), ("pad_multiple", m)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    h, w, p = int(h), int(w), int(patch_size)
-    hp, wp = -(-h // p) * p, -(-w // p) * p
+            raise InputError(f"{name} must be a positive int, got {v!r}")
+    h, w, p, m = int(h), int(w), int(patch_size), int(m)
+    if m % p:
+        raise InputError(f"pad_multiple {m} is not a multiple of the patch size {p}")
+    hp, wp = -(-h // m) * m, -(-w // m) * m
     c1 = (ceil_half(ceil_half(hp)), ceil_half(ceil_half(wp)))
     c2 = (ceil_half(c1[0]), ceil_half(c1[1]))
     c3 = (ceil_half(c2[0]), ceil_half(c2[1]))
@@ -135,10 +157,11 @@ def compute_geometry(h: int, w: int, patch_size: int = 14) -> AdapterGeometry:
     if min(vit_out) == 0:
         empty.append("vit")
     if empty:
-        raise ValueError(
+        hint = f"the patch size {p}" if m == p else str(m)
+        raise InputError(
             f"input size {h}x{w} is too small: outputs {', '.join(empty)} would be empty "
             f"after cropping (sizes {list(outputs)}, vit {vit_out}); use at least 32x32 or a "
-            f"multiple of the patch size {p}"
+            f"multiple of {hint}"
         )
     return AdapterGeometry(
         image_size=(h, w),
@@ -148,4 +171,21 @@ def compute_geometry(h: int, w: int, patch_size: int = 14) -> AdapterGeometry:
         spm_shapes=spm,
         output_sizes=outputs,
         vit_output_size=vit_out,
+        pad_multiple=0 if m == p else m,
     )
+
+
+# The DINOv3 adapter's policy: patch 16, inputs padded to a multiple of 32.
+DINOV3_PATCH_SIZE = 16
+DINOV3_PAD_MULTIPLE = 32
+
+
+def dinov3_geometry(h: int, w: int) -> AdapterGeometry:
+    """Geometry of the DINOv3 adapter for an ``h x w`` input.
+
+    The upstream module runs only when 32 divides both sides (SPEC_DINOV3 section 4); other
+    sizes are defined as upstream's result on the image zero-padded (bottom, right) to the next
+    multiple of 32, with ``f1..f4`` cropped to ``h//4 .. h//32`` and the ViT map to ``h//16``.
+    On the padded canvas ``c_k = (Hp, Wp) / 2^(k+1)`` exactly and the ViT grid is c3.
+    """
+    return compute_geometry(h, w, DINOV3_PATCH_SIZE, DINOV3_PAD_MULTIPLE)

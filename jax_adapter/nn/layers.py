@@ -45,10 +45,10 @@ def layer_norm(
 
 def linear(
     din: int, dout: int, *, rngs: nnx.Rngs, std: float = 0.02, dtype: Optional[DType] = None,
-    param_dtype: DType = jnp.float32,
+    param_dtype: DType = jnp.float32, bias: bool = True,
 ) -> nnx.Linear:
     """Linear layer with the ViT init (truncated normal, std 0.02, zero bias)."""
-    return nnx.Linear(din, dout, kernel_init=nnx.initializers.truncated_normal(std),
+    return nnx.Linear(din, dout, use_bias=bias, kernel_init=nnx.initializers.truncated_normal(std),
                       dtype=compute_dtype(dtype), param_dtype=as_dtype(param_dtype), rngs=rngs)
 
 

@@ -7,26 +7,52 @@ Module paths mirror the PyTorch hub ``state_dict`` (``attn.qkv``, ``mlp.fc1``, `
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jax_adapter.nn.layers import DType, compute_dtype, gelu, linear
+from jax_adapter.nn.rope import apply_rope
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention with a fused ``qkv`` projection; ``[B, N, D] -> [B, N, D]``."""
+    """Multi-head self-attention with a fused ``qkv`` projection; ``[B, N, D] -> [B, N, D]``.
+
+    The one attention of both trunks. DINOv3 adds: ``mask_k_bias`` (the key third of the stored
+    ``qkv`` bias is kept, for round-tripping, but never added: upstream's ``bias_mask``) and an
+    optional RoPE table ``rope = (sin, cos)`` ``[HW, Dh]`` that rotates q and k of the last ``HW``
+    tokens (the leading prefix tokens get no position).
+    """
 
     def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: DType = None,
-                 param_dtype: DType = jnp.float32):
+                 param_dtype: DType = jnp.float32, qkv_bias: bool = True, proj_bias: bool = True,
+                 mask_k_bias: bool = False):
         self.num_heads = num_heads
-        self.qkv = linear(dim, 3 * dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.proj = linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mask_k_bias = mask_k_bias and qkv_bias
+        self.qkv = linear(dim, 3 * dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs, bias=qkv_bias)
+        self.proj = linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs, bias=proj_bias)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def _qkv(self, x: jax.Array) -> jax.Array:
+        lin = self.qkv
+        if not self.mask_k_bias:
+            return lin(x)
+        bias = lin.bias[...]
+        d = bias.shape[0] // 3
+        # A constant mask, not the stored bias: whatever the checkpoint holds in the key third
+        # (upstream multiplies it by zero), the keys get no bias.
+        bias = jnp.where((jnp.arange(3 * d) // d) == 1, jnp.zeros((), bias.dtype), bias)
+        x, kernel, bias = lin.promote_dtype((x, lin.kernel[...], bias), dtype=lin.dtype)
+        y = lin.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=lin.precision)
+        return y + bias
+
+    def __call__(self, x: jax.Array, rope: Optional[Tuple[jax.Array, jax.Array]] = None) -> jax.Array:
         b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        qkv = self._qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         # Logits and softmax in float32 whatever the compute dtype.
         if x.dtype == jnp.float32:
             out = jax.nn.dot_product_attention(q, k, v, scale=(d // self.num_heads) ** -0.5)
@@ -43,10 +69,12 @@ def _attention_f32_softmax(q, k, v):
 
 
 class Mlp(nnx.Module):
+    """``fc2(gelu(fc1 x))``, exact GELU; ``[..., D] -> [..., D]``."""
+
     def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: DType = None,
-                 param_dtype: DType = jnp.float32):
-        self.fc1 = linear(dim, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc2 = linear(hidden, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                 param_dtype: DType = jnp.float32, bias: bool = True):
+        self.fc1 = linear(dim, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs, bias=bias)
+        self.fc2 = linear(hidden, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs, bias=bias)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(gelu(self.fc1(x)))
@@ -63,6 +91,22 @@ class SwiGLU(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         a, b = jnp.split(self.w12(x), 2, axis=-1)
         return self.w3(jax.nn.silu(a) * b)
+
+
+class SwiGLUFFN(nnx.Module):
+    """DINOv3's SwiGLU FFN with separate projections: ``w3(silu(w1 x) * (w2 x))``.
+
+    ``hidden`` is the already aligned width (see ``DinoV3Config.ffn_hidden``).
+    """
+
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype: DType = None,
+                 param_dtype: DType = jnp.float32, bias: bool = True):
+        self.w1 = linear(dim, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs, bias=bias)
+        self.w2 = linear(dim, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs, bias=bias)
+        self.w3 = linear(hidden, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs, bias=bias)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.w3(jax.nn.silu(self.w1(x)) * self.w2(x))
 
 
 class LayerScale(nnx.Module):

@@ -21,14 +21,15 @@ from jax_adapter.sharding import BATCH_AXIS
 from jax_adapter.training.checkpoints import Checkpoints
 from jax_adapter.training.optim import OptimizerConfig, lr_schedule, make_optimizer
 from jax_adapter.training.params import (
-    EMBEDDING_NAMES, NO_DECAY_NAMES, TRUNK_NAMES, is_trunk, layer_id, lr_scales, map_with_path,
-    path_names, trainable_filter, weight_decay_mask,
+    EMBEDDING_NAMES, NESTED_TRUNK, NO_DECAY_NAMES, TRUNK_NAMES, exclude_frozen, frozen_paths,
+    is_trunk, layer_id, lr_scales, map_with_path, path_names, trainable_filter, weight_decay_mask,
 )
 from jax_adapter.training.step import LossFn, TrainState, TrainStep, make_mesh, replicate, reseed_streams
 
 __all__ = [
-    "BATCH_AXIS", "Checkpoints", "EMBEDDING_NAMES", "LossFn", "NO_DECAY_NAMES", "OptimizerConfig",
-    "TRUNK_NAMES", "TrainState", "TrainStep", "is_trunk", "layer_id", "lr_schedule", "lr_scales",
+    "BATCH_AXIS", "Checkpoints", "EMBEDDING_NAMES", "LossFn", "NESTED_TRUNK", "NO_DECAY_NAMES",
+    "OptimizerConfig", "TRUNK_NAMES", "TrainState", "TrainStep", "exclude_frozen", "frozen_paths",
+    "is_trunk", "layer_id", "lr_schedule", "lr_scales",
     "make_mesh", "make_optimizer", "map_with_path", "path_names", "replicate", "reseed_streams",
     "trainable_filter", "weight_decay_mask",
 ]

@@ -13,11 +13,16 @@ Batch = Any
 # ``loss_fn(model, batch) -> (scalar loss, {name: scalar})``; it runs the model in train mode.
 LossFn = Callable[[nnx.Module, Batch], Tuple[jax.Array, Dict[str, jax.Array]]]
 
-# Top-level names of the DINOv2 trunk inside a DinoAdapter (or DinoV2).
-EMBEDDING_NAMES = ("patch_embed", "cls_token", "pos_embed", "register_tokens")
+# Top-level names of the DINOv2 trunk inside a DinoAdapter (or DinoV2), and of a DINOv3 trunk.
+EMBEDDING_NAMES = ("patch_embed", "cls_token", "pos_embed", "register_tokens", "storage_tokens",
+                   "mask_token")
 TRUNK_NAMES = EMBEDDING_NAMES + ("blocks", "norm")
+# The attribute under which an adapter holds its trunk as a separate module (the DINOv3
+# adapter: ``backbone.blocks.0...``); everything below it is trunk.
+NESTED_TRUNK = "backbone"
 # Parameters without weight decay besides vectors (biases, norms, LayerScale, gamma).
-NO_DECAY_NAMES = ("cls_token", "pos_embed", "register_tokens", "level_embed")
+NO_DECAY_NAMES = ("cls_token", "pos_embed", "register_tokens", "storage_tokens", "mask_token",
+                  "level_embed")
 
 
 
@@ -28,9 +33,33 @@ def _relative(path: Sequence[Hashable], backbone_path: Sequence[Hashable]) -> Op
 
 
 def is_trunk(path: Sequence[Hashable], backbone_path: Sequence[Hashable] = ()) -> bool:
-    """Whether a state path belongs to the DINOv2 trunk of the backbone at ``backbone_path``."""
+    """Whether a state path belongs to the trunk of the backbone at ``backbone_path``: the
+    DINOv2 trunk's top-level names, or everything under a nested trunk module (DINOv3)."""
     rel = _relative(path, backbone_path)
-    return bool(rel) and rel[0] in TRUNK_NAMES
+    return bool(rel) and (rel[0] in TRUNK_NAMES or rel[0] == NESTED_TRUNK)
+
+
+def frozen_paths(model: nnx.Module) -> Tuple[Path, ...]:
+    """Paths of the submodules that never train: those a module names in its
+    ``FROZEN_SUBMODULES`` (the DINOv3 adapter's trunk), wherever it sits in ``model``."""
+    out = []
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module):
+            out += [tuple(path) + (name,) for name in getattr(type(node), "FROZEN_SUBMODULES", ())]
+    return tuple(out)
+
+
+def exclude_frozen(trainable: Any, model: nnx.Module) -> Any:
+    """``trainable`` (an NNX filter) without the parameters of ``model``'s always-frozen
+    submodules (:func:`frozen_paths`); ``trainable`` itself when there are none."""
+    frozen = frozen_paths(model)
+    if not frozen:
+        return trainable
+
+    def inside(path, _) -> bool:
+        return any(tuple(path[:len(f)]) == f for f in frozen)
+
+    return nnx.All(trainable, nnx.Not(inside))
 
 
 def trainable_filter(freeze_trunk: bool = False, backbone_path: Sequence[Hashable] = ()):
@@ -44,6 +73,8 @@ def trainable_filter(freeze_trunk: bool = False, backbone_path: Sequence[Hashabl
 def layer_id(path: Sequence[Hashable], depth: int, backbone_path: Sequence[Hashable] = ()) -> int:
     """ViT-Adapter's layer id: embeddings 0, ``blocks.i`` i+1, everything else depth+1."""
     rel = _relative(path, backbone_path)
+    if rel and rel[0] == NESTED_TRUNK:
+        rel = rel[1:]  # a separate trunk module: the same names one level down
     if rel:
         if rel[0] in EMBEDDING_NAMES:
             return 0

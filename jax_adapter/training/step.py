@@ -12,7 +12,9 @@ import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jax_adapter.errors import InputError
 from jax_adapter.sharding import BATCH_AXIS
+from jax_adapter.training.params import exclude_frozen
 
 Batch = Any
 # ``loss_fn(model, batch) -> (scalar loss, {name: scalar})``; it runs the model in train mode.
@@ -100,6 +102,9 @@ class TrainStep:
         one (as :func:`make_optimizer` needs them for its per-parameter factors)."""
         self.mesh = make_mesh() if mesh is None else mesh
         self.loss_fn = loss_fn
+        # Always-frozen submodules (the DINOv3 adapter's trunk) never train, whatever the
+        # filter: no gradient, no optimizer state.
+        trainable = exclude_frozen(trainable, model)
         self.trainable = trainable
         self.graph, params, frozen, batch_stats, self._other = nnx.split(
             model, trainable, nnx.Param, nnx.BatchStat, ...
@@ -161,7 +166,7 @@ class TrainStep:
         n = self.mesh.devices.size
         for x in jax.tree.leaves(local_batch):
             if (x.shape[0] * jax.process_count()) % n:
-                raise ValueError(
+                raise InputError(
                     f"the global batch ({x.shape[0]} per process x {jax.process_count()}) is not "
                     f"divisible by the {n} devices of the mesh"
                 )
@@ -181,6 +186,17 @@ class TrainStep:
         with jax.set_mesh(self.mesh):
             return self._jitted.lower(state, self._other, batch)
 
-    def model(self, state: TrainState) -> nnx.Module:
-        """A model holding ``state``'s parameters and statistics (e.g. for evaluation or export)."""
-        return nnx.merge(self.graph, state.params, state.frozen, state.batch_stats, self._other)
+    def model(self, state: TrainState, *, train: bool = False) -> nnx.Module:
+        """A model holding ``state``'s parameters and statistics, in eval mode (deterministic:
+        no drop path, BatchNorm running statistics), ready for evaluation or
+        :func:`jax_adapter.save_pretrained`; ``train=True`` keeps the training mode instead.
+
+        It shares ``state``'s arrays, which the next step donates: build it after training.
+        """
+        model = nnx.merge(self.graph, state.params, state.frozen, state.batch_stats, self._other)
+        # The graph was split from a module in train mode (as training needs).
+        if train:
+            model.train()
+        else:
+            model.eval()
+        return model

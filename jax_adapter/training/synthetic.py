@@ -8,15 +8,17 @@ re-sharded run sees exactly the same data.
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax_adapter.errors import ConfigError
 from jax_adapter.models.dinov2_adapter import DinoAdapter
 from jax_adapter.models.dinov2_adapter import AdapterConfig
+from jax_adapter.models.dinov3_adapter import DinoV3Adapter, DinoV3AdapterConfig
 from jax_adapter.nn.layers import linear
 
 CLASSES = ("background", "rectangle", "ellipse")
@@ -97,11 +99,17 @@ class DenseHead(nnx.Module):
 
 
 class SegmentationModel(nnx.Module):
-    """``DinoAdapter`` backbone + :class:`DenseHead`: images ``[B, H, W, 3]`` -> logits at
-    stride 4."""
+    """An adapter backbone (``DinoAdapter`` or ``DinoV3Adapter``, by the config's type) +
+    :class:`DenseHead`: images ``[B, H, W, 3]`` -> logits at stride 4."""
 
-    def __init__(self, cfg: AdapterConfig, *, hidden: int = 64, rngs: nnx.Rngs):
-        self.backbone = DinoAdapter(cfg, rngs=rngs)
+    def __init__(self, cfg: Union[AdapterConfig, DinoV3AdapterConfig], *, hidden: int = 64,
+                 rngs: nnx.Rngs):
+        if isinstance(cfg, DinoV3AdapterConfig):
+            self.backbone = DinoV3Adapter(cfg, rngs=rngs)
+        elif isinstance(cfg, AdapterConfig):
+            self.backbone = DinoAdapter(cfg, rngs=rngs)
+        else:
+            raise ConfigError(f"SegmentationModel needs an adapter config, got {type(cfg).__name__}")
         self.head = DenseHead(cfg.embed_dim, hidden, len(CLASSES), dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype, rngs=rngs)
 
