@@ -1,13 +1,15 @@
 """Memory of one jitted train step with and without activation checkpointing (``with_cp``).
 
-    python benchmarks/train_memory.py --preset dinov2_vitb14 --batch 6 --size 256x704
+    python benchmarks/train_memory.py --preset dinov2_vitb14 --batch 6 --image-size 256x704
 
 Lowers and compiles the step of ``jax-adapter train``'s model (DinoAdapter + dense head) for an
 abstract model (no weights are materialised) and reads XLA's compiled memory analysis:
 ``temp`` is the peak of the step's temporary buffers (activations kept for the backward pass
 among them), ``total`` = arguments + outputs - aliased (donated) + temp. Where the device
 reports allocator statistics (GPU), the peak bytes in use after running the step are recorded
-too. Appends one record per configuration to ``benchmarks/results/train_memory-<backend>.json``.
+too. Prints one JSON record per configuration; ``--out FILE`` also appends them to a JSON list
+in ``FILE`` (the recorded results are ``benchmarks/results/train_memory-<backend>.json``).
+The options are those of ``jax-adapter train``.
 
 On CPU, XLA's default concurrency-optimised scheduler is free to run the recomputation of a
 checkpointed block early (the optimisation barriers are gone by then), which hides the saving;
@@ -26,8 +28,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_adapter import synthetic, training
-from jax_adapter import AdapterConfig
+from jax_adapter import AdapterConfig, training
+from jax_adapter.cli.train import _size
+from jax_adapter.training import synthetic
 
 
 def measure(cfg: AdapterConfig, batch: int, h: int, w: int, freeze: bool, run: bool) -> dict:
@@ -67,16 +70,18 @@ def measure(cfg: AdapterConfig, batch: int, h: int, w: int, freeze: bool, run: b
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="dinov2_vits14")
-    p.add_argument("--batch", type=int, default=6)
-    p.add_argument("--size", default="256x704")
-    p.add_argument("--freeze-trunk", action="store_true")
-    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--preset", default="dinov2_vits14", help="preset name (as jax-adapter train)")
+    p.add_argument("--batch", type=int, default=6, help="batch size")
+    p.add_argument("--image-size", default="256x704", help="HxW (as jax-adapter train)")
+    p.add_argument("--freeze-trunk", action="store_true", help="freeze the DINOv2 trunk")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 parameters")
     p.add_argument("--run", action="store_true",
                    help="also build real weights and run the step (peak bytes where reported)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--out", default=None,
+                   help="append the records to this JSON file, e.g. "
+                        "benchmarks/results/train_memory-cpu.json (default: print only)")
     args = p.parse_args()
-    h, w = (int(v) for v in args.size.split("x"))
+    h, w = _size(args.image_size)
     base = AdapterConfig.preset(args.preset)
     if args.bf16:
         base = base.replace(dtype="bfloat16")
@@ -92,11 +97,10 @@ def main() -> None:
         }
         print(json.dumps(rec), flush=True)
         records.append(rec)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"train_memory-{jax.default_backend()}.json")
-    old = json.load(open(path)) if os.path.exists(path) else []
-    with open(path, "w") as f:
-        json.dump(old + records, f, indent=1)
+    if args.out:
+        old = json.load(open(args.out)) if os.path.exists(args.out) else []
+        with open(args.out, "w") as f:
+            json.dump(old + records, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -26,3 +26,8 @@ class CheckpointError(JaxAdapterError):
 
 class ConversionError(JaxAdapterError):
     """A source checkpoint that cannot be converted (format, keys, shapes, hashes)."""
+
+
+class FetchError(JaxAdapterError):
+    """Weights named by a preset, URL or ``hf-hub:`` name that cannot be fetched (offline and not
+    cached, a failed or truncated download, an unknown name)."""

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -164,7 +163,7 @@ def test_error_foreign_file_and_unknown_format(tmp_path, capsys):
     other = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(4, 3, 7, 7), "fc.weight": torch.zeros(10, 4)}, other)
     _assert_fails(["convert", str(other), dst], capsys,
-                  f"{other}: unknown checkpoint format: no DINOv2 backbone found", dst)
+                  f"{other}: unknown checkpoint format: no DINOv2 or DINOv3 backbone found", dst)
     empty = tmp_path / "hf_folder"
     empty.mkdir()
     (empty / "config.json").write_text("{}")
@@ -211,6 +210,8 @@ def test_inspect_sources_and_checkpoints(tmp_path, capsys):
     assert (info["format"], info["kind"], info["tensors"]) == ("dinov2_hub", "dinov2", len(ref))
     assert info["parameters"] == sum(v.numel() for v in ref.values())
     assert "cannot infer num_heads" in info["unresolved"] and info["config"]["num_register_tokens"] == 4
+    # inspect takes no --config/--preset: its hint names the command that does.
+    assert "jax-adapter convert needs --config or --preset" in info["unresolved"], info["unresolved"]
     dst = str(tmp_path / "ckpt")
     assert run(["convert", TINY_PTH, dst, "--config", TINY_CFG], capsys)[0] == 0
     rc, out, err = run(["inspect", dst], capsys)
@@ -225,7 +226,7 @@ def test_inspect_sources_and_checkpoints(tmp_path, capsys):
 def test_progress_bar_on_a_terminal(tmp_path, capsys, monkeypatch):
     import io
 
-    from jax_adapter.convert import progress
+    from jax_adapter import progress
     from jax_adapter.convert.pipeline import convert_file
 
     class Tty(io.StringIO):

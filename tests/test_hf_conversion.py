@@ -8,7 +8,6 @@ hidden state. transformers is in the ``test`` extra: these tests fail, not skip,
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -286,7 +285,9 @@ def test_inspect_hf_folder(tmp_path, capsys):
     rc, out, err = run(["inspect", str(tmp_path / "hf"), "--json"], capsys)
     assert rc == 0, err
     info = json.loads(out)
-    assert (info["format"], info["kind"], info["variant"]) == ("hf_dinov2_with_registers", "dinov2", None)
+    # --json says what the text says for a shape that is no named variant.
+    assert (info["format"], info["kind"], info["variant"]) == ("hf_dinov2_with_registers", "dinov2", "custom")
+    assert info["source_pos_embed_resize"] == "bicubic_size_antialias"
     cfg = info["config"]
     assert (cfg["num_heads"], cfg["num_register_tokens"], cfg["ffn_layer"]) == (4, 4, "swiglu")
     assert cfg["pos_embed_resize"] == "bicubic_size_antialias" and "unresolved" not in info

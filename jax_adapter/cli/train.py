@@ -11,12 +11,15 @@ This module imports JAX only inside :func:`cmd_train`, after the device options 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
 import sys
 import time
 from typing import Any, Dict, Optional
+
+from jax_adapter.cli import CliError
 
 RUN_FILE = "run.json"
 # Options that change what is computed: a resumed run must agree with the recorded ones.
@@ -41,7 +44,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=0,
                    help="also write a checkpoint every N steps (0: only at the end)")
     t.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
-    t.add_argument("--freeze-trunk", action="store_true", help="freeze the DINOv2 trunk")
+    t.add_argument("--freeze-trunk", action="store_true",
+                   help="freeze the DINOv2 trunk (a DINOv3 adapter's trunk is always frozen, as upstream)")
     t.add_argument("--remat", action="store_true", help="activation checkpointing (with_cp)")
     t.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 parameters")
     t.add_argument("--drop-path", type=float, default=None, help="drop path rate (default: the config's)")
@@ -49,7 +53,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     t.add_argument("--warmup", type=int, default=0, help="warmup steps")
     t.add_argument("--schedule-steps", type=int, default=None,
-                   help="length of the cosine schedule (default: --steps)")
+                   help="length of the cosine learning-rate schedule (default: --steps; with --resume, "
+                        "the resumed run's length; give it to extend a finished run)")
     t.add_argument("--layer-decay", type=float, default=1.0, help="layer-wise lr decay (e.g. 0.65)")
     t.add_argument("--weight-decay", type=float, default=0.05)
     t.add_argument("--stop-after", type=int, default=None,
@@ -63,15 +68,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return t
 
 
-class TrainError(ValueError):
-    """A bad option or an incompatible workdir (the CLI prints it and exits with code 2)."""
-
-
 def _size(s: str):
     try:
         h, w = (int(v) for v in s.lower().split("x"))
     except ValueError:
-        raise TrainError(f"bad --image-size {s!r}: expected HxW, e.g. 256x704") from None
+        raise CliError(f"bad --image-size {s!r}: expected HxW, e.g. 256x704") from None
     return h, w
 
 
@@ -91,55 +92,87 @@ def _setup_devices(args) -> None:
 
 def _load_config(preset: str):
     from jax_adapter import AdapterConfig
-    from jax_adapter.presets import PRESETS, load_config_file
+    from jax_adapter.models.dinov3_adapter import DinoV3AdapterConfig
+    from jax_adapter.presets import PRESETS, get, load_config_file
 
     if preset in PRESETS:
-        return AdapterConfig.preset(preset)
-    if os.path.isfile(preset):
-        return load_config_file(preset)
-    raise TrainError(f"--preset {preset!r} is neither a preset ({', '.join(PRESETS)}) nor a config file")
+        cfg = get(preset)
+    elif os.path.isfile(preset):
+        cfg = load_config_file(preset)
+    else:
+        raise CliError(f"--preset {preset!r} is neither a preset ({', '.join(PRESETS)}) nor a config file")
+    if not isinstance(cfg, (AdapterConfig, DinoV3AdapterConfig)):
+        raise CliError(f"--preset {preset!r} is a {type(cfg).__name__} (a trunk alone): train needs an "
+                       "adapter preset or config (e.g. dinov3_vits16_adapter)")
+    return cfg
 
 
-class _Progress:
-    """A one-line progress bar on stderr, only when stderr is a terminal."""
-
-    def __init__(self, total: int):
-        self.total = total
-        self.enabled = sys.stderr.isatty()
-
-    def update(self, step: int, loss: float) -> None:
-        if not self.enabled:
-            return
-        width = 30
-        done = int(width * step / max(self.total, 1))
-        sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{self.total} loss {loss:.4f}")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
-def _check_run_record(workdir: str, record: Dict[str, Any], resuming: bool) -> None:
+def _read_run_record(workdir: str) -> Optional[Dict[str, Any]]:
+    """The options recorded by the run in ``workdir`` (None before its first run)."""
     path = os.path.join(workdir, RUN_FILE)
-    if resuming and os.path.exists(path):
+    if not os.path.exists(path):
+        return None
+    try:
         with open(path) as f:
-            old = json.load(f)
-        diff = [k for k in RUN_KEYS if old.get(k) != record.get(k)]
-        if diff:
-            hint = (" (to extend a run, keep --schedule-steps at the original schedule length)"
-                    if "optimizer" in diff else "")
-            raise TrainError(
-                f"--resume with options that differ from the run in {workdir}: {', '.join(diff)}{hint}"
-            )
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CliError(f"{path}: corrupt run record ({e})") from None
+
+
+def _schedule_steps(args, old: Optional[Dict[str, Any]]) -> int:
+    """The cosine schedule's length: ``--schedule-steps`` when given; on resume the recorded
+    length, so that the learning rates of a resumed run continue unchanged; else ``--steps``."""
+    if args.schedule_steps is not None:
+        if args.schedule_steps < 1:
+            raise CliError("--schedule-steps must be >= 1")
+        return args.schedule_steps
+    recorded = (old or {}).get("optimizer", {}).get("total_steps")
+    return recorded if isinstance(recorded, int) else args.steps
+
+
+def _check_schedule(opt_cfg, steps: int, *, recorded: bool) -> None:
+    """Refuse steps that would run at learning rate 0 after the end of the cosine schedule."""
+    end = max(opt_cfg.total_steps, opt_cfg.warmup_steps + 1)
+    if steps > end and opt_cfg.end_lr_ratio == 0:
+        source = "the length recorded by the run being resumed" if recorded else "--schedule-steps"
+        raise CliError(
+            f"--steps {steps} goes past the end of the learning-rate schedule ({end} steps, "
+            f"{source}): steps {end + 1}-{steps} would run at learning rate 0; pass "
+            f"--schedule-steps {steps} to stretch the cosine schedule to the new end")
+
+
+def _schedule_note(opt_cfg, old: Optional[Dict[str, Any]], step: int, lr_schedule) -> str:
+    """One phrase for the resume message: the schedule kept, or changed and what that does."""
+    recorded = (old or {}).get("optimizer", {}).get("total_steps")
+    if recorded is None or recorded == opt_cfg.total_steps:
+        return f"learning-rate schedule of {opt_cfg.total_steps} steps kept"
+    was = lr_schedule(dataclasses.replace(opt_cfg, total_steps=recorded))(step)
+    return (f"learning-rate schedule changed from {recorded} to {opt_cfg.total_steps} steps: "
+            f"step {step + 1} runs at {float(lr_schedule(opt_cfg)(step)):.3g} (was {float(was):.3g})")
+
+
+def _check_run_record(workdir: str, record: Dict[str, Any], old: Optional[Dict[str, Any]]) -> None:
+    """Refuse to resume with options that change what is computed. The schedule's length may
+    change (``--schedule-steps``): the optimizer state does not depend on it."""
+    if old is None:
+        return
+
+    def comparable(rec: Dict[str, Any]) -> Dict[str, Any]:
+        opt = {k: v for k, v in (rec.get("optimizer") or {}).items() if k != "total_steps"}
+        return {**rec, "optimizer": opt}
+
+    old, new = comparable(old), comparable(record)
+    diff = [k for k in RUN_KEYS if old.get(k) != new.get(k)]
+    if diff:
+        raise CliError(f"--resume with options that differ from the run in {workdir}: {', '.join(diff)}")
 
 
 def cmd_train(args) -> int:
     h, w = _size(args.image_size)
     if args.steps < 0 or args.batch < 1:
-        raise TrainError("--steps must be >= 0 and --batch >= 1")
+        raise CliError("--steps must be >= 0 and --batch >= 1")
     if args.resume and not args.workdir:
-        raise TrainError("--resume needs --workdir")
+        raise CliError("--resume needs --workdir")
     _setup_devices(args)
 
     import jax
@@ -147,18 +180,19 @@ def cmd_train(args) -> int:
     from flax import nnx
 
     from jax_adapter import training
+    from jax_adapter.progress import progress_bar
     from jax_adapter.training import synthetic
 
     devices = jax.devices()
     n = args.devices or len(devices)
     if n > len(devices):
-        raise TrainError(
+        raise CliError(
             f"--devices {n}: only {len(devices)} {jax.default_backend()} devices are available"
         )
     if jax.process_count() > 1 and n != len(devices):
-        raise TrainError("multi-host runs use all devices: leave --devices at 0")
+        raise CliError("multi-host runs use all devices: leave --devices at 0")
     if args.batch % n:
-        raise TrainError(f"--batch {args.batch} is not divisible by the {n} devices")
+        raise CliError(f"--batch {args.batch} is not divisible by the {n} devices")
     mesh = training.make_mesh(devices[:n])
 
     cfg = _load_config(args.preset)
@@ -167,18 +201,24 @@ def cmd_train(args) -> int:
         changes["with_cp"] = True
     if args.bf16:
         changes["dtype"] = "bfloat16"
+        if hasattr(cfg, "trunk_dtype"):
+            changes["trunk_dtype"] = "bfloat16"  # the frozen DINOv3 trunk too, as upstream's autocast
     if args.drop_path is not None:
         changes["drop_path_rate"] = args.drop_path
     cfg = cfg.replace(**changes)
+    # A DINOv3 adapter's trunk never trains (its config says so), whatever --freeze-trunk says.
+    freeze_trunk = args.freeze_trunk or getattr(cfg, "frozen_trunk", False)
     hidden = 64
+    old_record = _read_run_record(args.workdir) if args.resume else None
     opt_cfg = training.OptimizerConfig(
         learning_rate=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup,
-        total_steps=args.schedule_steps or args.steps, layer_decay=args.layer_decay,
+        total_steps=_schedule_steps(args, old_record), layer_decay=args.layer_decay,
     )
+    _check_schedule(opt_cfg, args.steps, recorded=args.schedule_steps is None and old_record is not None)
     record = {
         "model": {k: v for k, v in cfg.to_dict().items() if k != "with_cp"},
         "batch": args.batch, "image_size": [h, w], "seed": args.seed,
-        "freeze_trunk": args.freeze_trunk, "head_hidden": hidden,
+        "freeze_trunk": freeze_trunk, "head_hidden": hidden,
         "optimizer": {k: v for k, v in vars(opt_cfg).items()},
     }
 
@@ -186,12 +226,12 @@ def cmd_train(args) -> int:
     ckpt: Optional[training.Checkpoints] = None
     latest = None
     if args.workdir:
-        _check_run_record(args.workdir, record, args.resume)
+        _check_run_record(args.workdir, record, old_record)
         ckpt = training.Checkpoints(args.workdir, max_to_keep=args.keep,
                                     save_every=args.checkpoint_every or (1 << 30))
         latest = ckpt.latest_step()
         if latest is not None and not args.resume:
-            raise TrainError(
+            raise CliError(
                 f"{args.workdir} already holds checkpoints (latest step {latest}): pass --resume "
                 "or use another --workdir"
             )
@@ -201,13 +241,14 @@ def cmd_train(args) -> int:
     step_fn = training.TrainStep(
         model, synthetic.segmentation_loss,
         lambda params: training.make_optimizer(opt_cfg, params, depth=cfg.depth, backbone_path=("backbone",)),
-        trainable=training.trainable_filter(args.freeze_trunk, ("backbone",)), mesh=mesh,
+        trainable=training.trainable_filter(freeze_trunk, ("backbone",)), mesh=mesh,
     )
     del model  # its arrays now belong to the train state (and are donated to each step)
 
     if ckpt is not None and args.resume and latest is not None:
         state = ckpt.restore(step_fn.abstract_state(), latest)
-        _log(f"resumed from step {latest} in {ckpt.directory}")
+        _log(f"resumed from step {latest} in {ckpt.directory}; "
+             f"{_schedule_note(opt_cfg, old_record, latest, training.lr_schedule)}")
     else:
         if args.resume:
             # So that a preemptible job can always be launched with --resume.
@@ -230,7 +271,7 @@ def cmd_train(args) -> int:
     stop_signal = []
     handlers = {sig: signal.signal(sig, lambda num, _: stop_signal.append(signal.Signals(num).name))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
-    progress = _Progress(args.steps)
+    progress = progress_bar(args.steps, "training", unit="step", initial=start)
     completed = False
     try:
         for step in range(start, stop):
@@ -241,12 +282,13 @@ def cmd_train(args) -> int:
             dt = time.perf_counter() - t0
             loss = float(metrics["loss"])
             if not np.isfinite(loss):
-                raise TrainError(f"non-finite loss {loss} at step {step + 1}")
+                raise CliError(f"non-finite loss {loss} at step {step + 1}")
             if jax.process_index() == 0:
                 line = {"step": step + 1, "loss": loss, "accuracy": float(metrics["accuracy"]),
                         "step_time_s": round(dt, 4)}
                 print(json.dumps(line), flush=True)
-            progress.update(step + 1, loss)
+            progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            progress.update(1)
             if ckpt is not None:
                 ckpt.save(state)
             if stop_signal:

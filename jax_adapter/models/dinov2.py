@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_adapter.errors import ConfigError
+from jax_adapter.errors import ConfigError, InputError
 from jax_adapter.models.common import (
     COMPUTE_DTYPES, PARAM_DTYPES, TrunkOutput, check_choice, config_from_dict,
 )
@@ -171,7 +171,12 @@ class DinoV2(nnx.Module):
         h, w = images.shape[1:3]
         p = self.cfg.patch_size
         if h % p or w % p:
-            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+            # As upstream's trunk: no implicit padding (the DinoAdapter pads, the trunk does not).
+            ph, pw = -(-h // p) * p, -(-w // p) * p
+            raise InputError(
+                f"image size {h}x{w} is not a multiple of the patch size {p}: pad it to {ph}x{pw} "
+                f"(jax_adapter.nn.images.pad_bottom_right(images, ({ph}, {pw})), as DinoAdapter does) "
+                f"or resize it")
         images = images.astype(self.cfg.dtype)
         prefix, x, _ = embed_tokens(self, self.cfg, images)
         x = jnp.concatenate([prefix, x], axis=1)

@@ -13,6 +13,7 @@ from flax import nnx
 from jax_adapter.nn import msda
 from jax_adapter.nn.layers import DType, compute_dtype
 from jax_adapter.sharding import batch_axis_in_context
+from jax_adapter.errors import ConfigError, InputError
 
 
 def _offset_bias(n_heads: int, n_levels: int, n_points: int) -> np.ndarray:
@@ -47,7 +48,7 @@ class MSDeformAttn(nnx.Module):
     ):
         dv = int(d_model * ratio)
         if dv % n_heads:
-            raise ValueError(f"value width {dv} is not divisible by n_heads {n_heads}")
+            raise ConfigError(f"value width {dv} is not divisible by n_heads {n_heads}")
         self.n_levels, self.n_heads, self.n_points = n_levels, n_heads, n_points
         self.impl = impl
         zeros = nnx.initializers.zeros
@@ -76,7 +77,7 @@ class MSDeformAttn(nnx.Module):
     ) -> jax.Array:
         b, q, _ = query.shape
         if len(spatial_shapes) != self.n_levels:
-            raise ValueError(f"expected {self.n_levels} levels, got spatial_shapes {spatial_shapes}")
+            raise InputError(f"expected {self.n_levels} levels, got spatial_shapes {spatial_shapes}")
         m, l, p = self.n_heads, self.n_levels, self.n_points
         value = self.value_proj(feat)
         value = value.reshape(b, feat.shape[1], m, -1)

@@ -6,24 +6,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_adapter.errors import InputError
+
 
 def check_images(images) -> None:
     """Raise ``ValueError`` unless ``images`` is a floating ``[B, H, W, 3]`` batch."""
     shape = getattr(images, "shape", None)
     dtype = getattr(images, "dtype", None)
     if shape is None or dtype is None:
-        raise ValueError(f"images must be an array [B, H, W, 3], got {type(images).__name__}")
+        raise InputError(f"images must be an array [B, H, W, 3], got {type(images).__name__}")
     if len(shape) != 4:
-        raise ValueError(f"images must be [B, H, W, 3] (NHWC), got rank {len(shape)} shape {tuple(shape)}")
+        raise InputError(f"images must be [B, H, W, 3] (NHWC), got rank {len(shape)} shape {tuple(shape)}")
     if shape[-1] != 3:
         hint = " (NCHW? transpose to NHWC)" if shape[1] == 3 else ""
-        raise ValueError(f"images must have 3 channels last, got shape {tuple(shape)}{hint}")
+        raise InputError(f"images must have 3 channels last, got shape {tuple(shape)}{hint}")
     if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(
+        raise InputError(
             f"images must be floating point and already normalised, got dtype {np.dtype(dtype).name}"
         )
     if shape[0] == 0:
-        raise ValueError("images batch is empty")
+        raise InputError("images batch is empty")
 
 
 def pad_bottom_right(images: jax.Array, padded: tuple) -> jax.Array:

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_adapter.errors import ConfigError, InputError
+
 
 # How the pretraining position grid is resized to the token grid (docs/SPEC.md section 6).
 POS_RESIZE_MODES = (
@@ -50,7 +52,7 @@ def interp_matrix(
     rows = np.arange(n_out)
     if antialias:
         if mode != "bicubic":
-            raise ValueError("antialias is implemented for bicubic only")
+            raise ConfigError("antialias is implemented for bicubic only")
         # PyTorch's antialiased kernels: a=-0.5 cubic, support widened by the scale when
         # downsampling, taps truncated at the borders and renormalised.
         support = 2.0 * scale if scale >= 1.0 else 2.0
@@ -81,7 +83,7 @@ def interp_matrix(
         np.add.at(m, (rows, x0), 1 - t)
         np.add.at(m, (rows, x1), t)
     else:
-        raise ValueError(f"unknown interpolation mode {mode!r}")
+        raise ConfigError(f"unknown interpolation mode {mode!r}")
     return m
 
 
@@ -117,7 +119,7 @@ def resize_pos_embed(
     n, d = pos.shape[1], pos.shape[2]
     m = math.isqrt(n)
     if m * m != n:
-        raise ValueError(f"position embedding has {n} positions, not a square grid")
+        raise InputError(f"position embedding has {n} positions, not a square grid")
     if tuple(grid) == (m, m):
         return pos  # every source model skips the resize at the pretraining grid
     x = pos.reshape(1, m, m, d)
@@ -131,5 +133,5 @@ def resize_pos_embed(
         sf = ((grid[0] + offset) / m, (grid[1] + offset) / m)
         y = resize_nhwc(x, grid, "bicubic", scale_factor=sf)
     else:
-        raise ValueError(f"unknown position-embedding resize mode {mode!r}")
+        raise ConfigError(f"unknown position-embedding resize mode {mode!r}")
     return y.reshape(1, grid[0] * grid[1], d)
