@@ -254,6 +254,6 @@ def test_readme_blocks_run_in_order(tmp_path):
     assert type(jax_adapter.load_pretrained(str(work / "seg7b"))).__name__ == "DinoV3Adapter"
     assert type(jax_adapter.load_pretrained(str(work / "vitl16"))).__name__ == "DinoV3"
     assert (work / "adapter.pth").is_file() and (work / "trunk.pth").is_file()
-    assert namespace["t"].registers.shape[1] == 4  # DINOv3 storage tokens
+    assert namespace["tokens"].registers.shape[1] == 4  # DINOv3 storage tokens
     # The memory benchmark writes only where told (--out).
     assert (recorded.read_bytes() if recorded.exists() else None) == before
