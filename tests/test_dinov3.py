@@ -331,3 +331,13 @@ def test_every_dinov3_hub_name_is_a_preset():
     assert presets.trunk_config("dinov3_vit7b16").qkv_bias is False
     assert presets.trunk_config("dinov3_vitl16_sat").untie_global_and_local_cls_norm
     assert not presets.trunk_config("dinov3_vitl16").untie_global_and_local_cls_norm
+
+
+def test_a_preset_of_another_family_is_refused():
+    from jax_adapter import AdapterConfig, DinoV3AdapterConfig
+
+    with pytest.raises(ConfigError, match="is a DinoV2Config preset, not DinoV3Config"):
+        DinoV3Config.preset("dinov2_vitb14")
+    with pytest.raises(ConfigError, match="is a DinoV3AdapterConfig preset, not AdapterConfig"):
+        AdapterConfig.preset("dinov3_vits16_adapter")
+    assert DinoV3AdapterConfig.preset("dinov3_vits16_adapter").backbone == DinoV3Config.preset("dinov3_vits16")

@@ -28,6 +28,16 @@ def config_from_dict(cls, d: Dict[str, Any]):
     return cls(**d)
 
 
+def named_preset(cls, name: str, *, trunk: bool):
+    """The config of preset ``name`` (its trunk's config when ``trunk``), which must be a ``cls``."""
+    from jax_adapter import presets  # the registry imports the model modules: import it late
+
+    cfg = presets.trunk_config(name) if trunk else presets.get(name)
+    if not isinstance(cfg, cls):
+        raise ConfigError(f"preset {name!r} is a {type(cfg).__name__} preset, not {cls.__name__}")
+    return cfg
+
+
 class TrunkOutput(NamedTuple):
     """Final-normalised tokens: ``cls [B, D]``, ``registers [B, R, D]`` (DINOv3: storage
     tokens), ``patches [B, N, D]`` (row-major over the patch grid)."""

@@ -14,7 +14,7 @@ from flax import nnx
 
 from jax_adapter.errors import ConfigError, InputError
 from jax_adapter.models.common import (
-    COMPUTE_DTYPES, PARAM_DTYPES, TrunkOutput, check_choice, config_from_dict,
+    COMPUTE_DTYPES, PARAM_DTYPES, TrunkOutput, check_choice, config_from_dict, named_preset,
 )
 from jax_adapter.nn.resize import POS_RESIZE_MODES
 from jax_adapter.nn.images import check_images
@@ -85,9 +85,7 @@ class DinoV2Config:
     @classmethod
     def preset(cls, name: str) -> "DinoV2Config":
         """The trunk of a named preset (``dinov2_vitb14``, ``dinov2_vitg14_reg``, ...)."""
-        from jax_adapter import presets
-
-        return presets.trunk_config(name)
+        return named_preset(cls, name, trunk=True)
 
 
 class Block(nnx.Module):

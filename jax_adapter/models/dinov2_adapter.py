@@ -17,7 +17,7 @@ from flax import nnx
 
 from jax_adapter.errors import ConfigError
 from jax_adapter.models.common import (
-    COMPUTE_DTYPES, PARAM_DTYPES, AdapterOutput, check_choice, config_from_dict,
+    AdapterOutput, COMPUTE_DTYPES, PARAM_DTYPES, check_choice, config_from_dict, named_preset,
 )
 from jax_adapter.models.dinov2 import FFN_LAYERS, DinoV2Config, add_trunk_parameters, embed_tokens
 from jax_adapter.nn.geometry import AdapterGeometry, compute_geometry
@@ -113,12 +113,7 @@ class AdapterConfig:
     @classmethod
     def preset(cls, name: str) -> "AdapterConfig":
         """``dinov2_vit{s,b,l,g}14`` with an optional ``_reg`` suffix, or ``tiny`` (tests)."""
-        from jax_adapter import presets
-
-        cfg = presets.get(name)
-        if not isinstance(cfg, cls):
-            raise ConfigError(f"preset {name!r} is a {type(cfg).__name__}, not an {cls.__name__}")
-        return cfg
+        return named_preset(cls, name, trunk=False)
 
 
 class DinoAdapter(nnx.Module):

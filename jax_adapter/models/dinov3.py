@@ -51,7 +51,7 @@ from flax import nnx
 
 from jax_adapter.errors import ConfigError, InputError
 from jax_adapter.models.common import (
-    COMPUTE_DTYPES, PARAM_DTYPES, TrunkOutput, check_choice, config_from_dict,
+    COMPUTE_DTYPES, PARAM_DTYPES, TrunkOutput, check_choice, config_from_dict, named_preset,
 )
 from jax_adapter.nn.images import check_images
 from jax_adapter.nn.layers import drop_path, layer_norm
@@ -189,9 +189,7 @@ class DinoV3Config:
     @classmethod
     def preset(cls, name: str) -> "DinoV3Config":
         """The trunk of a named preset (``dinov3_vits16``, ``dinov3_vit7b16``, ...)."""
-        from jax_adapter import presets
-
-        return presets.trunk_config(name)
+        return named_preset(cls, name, trunk=True)
 
 
 # The hub models (dinov3/hub/backbones.py): embed_dim, depth, num_heads, ffn_ratio, ffn_layer,

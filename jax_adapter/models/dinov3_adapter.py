@@ -26,7 +26,7 @@ from flax import nnx
 
 from jax_adapter.errors import ConfigError
 from jax_adapter.models.common import (
-    COMPUTE_DTYPES, PARAM_DTYPES, AdapterOutput, check_choice, config_from_dict,
+    AdapterOutput, COMPUTE_DTYPES, PARAM_DTYPES, check_choice, config_from_dict, named_preset,
 )
 from jax_adapter.models.dinov3 import DinoV3, DinoV3Config
 from jax_adapter.nn.geometry import DINOV3_PATCH_SIZE, AdapterGeometry, dinov3_geometry
@@ -186,12 +186,7 @@ class DinoV3AdapterConfig:
     @classmethod
     def preset(cls, name: str) -> "DinoV3AdapterConfig":
         """``dinov3_vit{s16,s16plus,b16,l16,l16plus,h16plus,7b16}_adapter`` or ``dinov3_tiny_adapter``."""
-        from jax_adapter import presets
-
-        cfg = presets.get(name)
-        if not isinstance(cfg, cls):
-            raise ConfigError(f"preset {name!r} is a {type(cfg).__name__}, not a {cls.__name__}")
-        return cfg
+        return named_preset(cls, name, trunk=False)
 
 
 class ExtractorBlock(nnx.Module):
