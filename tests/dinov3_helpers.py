@@ -88,3 +88,12 @@ def adapter_model(**changes) -> DinoV3Adapter:
                                              prefix="backbone."))
     model.eval()
     return model
+
+
+def write_segmentor(path) -> None:
+    """The tiny adapter as a DINOv3 segmentor checkpoint, in the reference's container: the adapter
+    under ``segmentation_model.0.`` in ``model`` beside an M2F head tensor, and optimizer state."""
+    adapter = torch.load(str(FIXTURES / "dinov3_adapter_tiny.pth"), map_location="cpu", weights_only=True)
+    model = {f"segmentation_model.0.{k}": v for k, v in adapter.items()}
+    model["segmentation_model.1.query_embed.weight"] = torch.randn(10, 96, generator=torch.Generator().manual_seed(0))
+    torch.save({"model": model, "optimizer": {"step": 12}}, str(path))

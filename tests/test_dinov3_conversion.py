@@ -21,12 +21,20 @@ from jax_adapter import checkpoint
 from jax_adapter.models.dinov3 import DinoV3
 from jax_adapter.models.dinov3_adapter import DinoV3Adapter
 from conftest import FIXTURES, load_npz, run_cli, run_cli_ok
+from dinov3_helpers import write_segmentor
 
 MLP = FIXTURES / "dinov3_tiny_mlp.pth"
 SWIGLU = FIXTURES / "dinov3_tiny_swiglu64.pth"
 ADAPTER = FIXTURES / "dinov3_adapter_tiny.pth"
-SEGMENTOR = FIXTURES / "dinov3_segmentor_tiny.pth"
 ATOL = 1e-4  # final-normed tokens and BatchNorm-ed features are O(1); float32 ports agree to ~1e-6
+
+
+@pytest.fixture(scope="module")
+def segmentor(tmp_path_factory):
+    """The adapter fixture inside a segmentor checkpoint (``model`` / ``segmentation_model.0.``)."""
+    path = tmp_path_factory.mktemp("segmentor") / "dinov3_segmentor_tiny.pth"
+    write_segmentor(path)
+    return path
 
 
 def _nhwc(x: np.ndarray) -> jnp.ndarray:
@@ -113,11 +121,11 @@ def _check_adapter_outputs(model) -> None:
                                        atol=ATOL, rtol=0, err_msg=f"input{i} f{j + 1}")
 
 
-def test_adapter_and_segmentor_convert_and_match_reference(tmp_path, capsys):
+def test_adapter_and_segmentor_convert_and_match_reference(tmp_path, capsys, segmentor):
     a, b = str(tmp_path / "adapter"), str(tmp_path / "segmentor")
     prov = run_cli_ok(["convert", str(ADAPTER), a], capsys)
     assert (prov["format"], prov["prefix"], prov["other_tensors"]) == ("dinov3_adapter", "", 0)
-    prov = run_cli_ok(["convert", str(SEGMENTOR), b], capsys)
+    prov = run_cli_ok(["convert", str(segmentor), b], capsys)
     # The adapter is found inside "model" under segmentation_model.0.; the M2F head is not ours.
     assert prov["format"] == "dinov3_adapter"
     assert (prov["container"], prov["prefix"], prov["other_tensors"]) == ("model", "segmentation_model.0.", 1)
@@ -137,9 +145,9 @@ def test_adapter_and_segmentor_convert_and_match_reference(tmp_path, capsys):
     _check_adapter_outputs(model)
 
 
-def test_adapter_export_round_trips_bit_for_bit(tmp_path, capsys):
+def test_adapter_export_round_trips_bit_for_bit(tmp_path, capsys, segmentor):
     dst, out = str(tmp_path / "ckpt"), str(tmp_path / "back.pth")
-    run_cli_ok(["convert", str(SEGMENTOR), dst], capsys)
+    run_cli_ok(["convert", str(segmentor), dst], capsys)
     rec = run_cli_ok(["export", dst, out], capsys)
     assert (rec["kind"], rec["names"]) == ("dinov3_adapter", "dinov3_adapter")
     # BatchNorm counters (int64), buffers and the trunk under backbone.: Meta's adapter state_dict.
@@ -217,13 +225,13 @@ def test_rope_periods_mismatch_is_refused(tmp_path, capsys):
              "rope_embed.periods")
 
 
-def test_inspect_names_the_formats(tmp_path, capsys):
-    for src, fmt, kind in [(MLP, "dinov3_hub", "dinov3"), (SEGMENTOR, "dinov3_adapter", "dinov3_adapter")]:
+def test_inspect_names_the_formats(tmp_path, capsys, segmentor):
+    for src, fmt, kind in [(MLP, "dinov3_hub", "dinov3"), (segmentor, "dinov3_adapter", "dinov3_adapter")]:
         rc, out, err = run_cli(["inspect", str(src), "--json"], capsys)
         assert rc == 0, err
         info = json.loads(out)
         assert (info["format"], info["kind"]) == (fmt, kind) and "unresolved" not in info
-    rc, out, _ = run_cli(["inspect", str(SEGMENTOR)], capsys)
+    rc, out, _ = run_cli(["inspect", str(segmentor)], capsys)
     assert "dinov3_adapter (backbone under model:segmentation_model.0.)" in out
 
 

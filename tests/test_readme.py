@@ -121,6 +121,7 @@ def _sources(work: pathlib.Path) -> None:
     """Tiny stand-ins, under the README's names, for the files its conversion examples read."""
     import torch
     import transformers
+    from dinov3_helpers import write_segmentor
 
     shutil.copy(FIXTURES / "dinov2_tiny_reg4.pth", work / "dinov2_vitb14_reg4_pretrain.pth")
     shutil.copy(FIXTURES / "dinov2_tiny_reg4.json", work / "dinov2_tiny_hub.json")
@@ -135,7 +136,7 @@ def _sources(work: pathlib.Path) -> None:
     transformers.Dinov2Model(hf).save_pretrained(work / "facebook-dinov2-base")
     # DINOv3: the tiny fixture trunk (Meta hub format) and segmentor checkpoint.
     shutil.copy(FIXTURES / "dinov3_tiny_mlp.pth", work / "dinov3_vitl16_pretrain_lvd1689m.pth")
-    shutil.copy(FIXTURES / "dinov3_segmentor_tiny.pth", work / "segmentor.pth")
+    write_segmentor(work / "segmentor.pth")
     # The memory example runs the repository's benchmark script (read-only without --out).
     (work / "benchmarks").symlink_to(ROOT / "benchmarks")
 
