@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_adapter.nn.conv import depthwise_conv3x3, use_cpu_formulations
 from jax_adapter.nn.deform_attn import MSDeformAttn
 from jax_adapter.nn.geometry import AdapterGeometry
 from jax_adapter.nn.layers import DType, conv, drop_path, gelu, layer_norm, linear
@@ -62,7 +63,11 @@ class DWConv(nnx.Module):
         outs = []
         for (h, w), start, n in zip(geom.level_shapes, geom.level_starts, geom.level_lengths):
             level = x[:, start:start + n].reshape(b, h, w, c)
-            outs.append(self.dwconv(level).reshape(b, n, c))
+            if use_cpu_formulations():
+                y = depthwise_conv3x3(level, self.dwconv.kernel[...], self.dwconv.bias[...])
+            else:
+                y = self.dwconv(level)
+            outs.append(y.reshape(b, n, c))
         return jnp.concatenate(outs, axis=1)
 
 

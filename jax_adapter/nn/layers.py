@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_adapter.nn.conv import max_pool3x3s2, use_cpu_formulations
+
 # A dtype or its name ("float32", "bfloat16"); ``None`` means "infer from the inputs".
 DType = Any
 
@@ -78,6 +80,8 @@ class MaxPool3x3s2(nnx.Module):
     """``nn.MaxPool2d(3, 2, 1)``: padding counts as -inf; ``n -> ceil(n / 2)``."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if use_cpu_formulations():
+            return max_pool3x3s2(x)
         return nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_adapter.errors import ConfigError
+from jax_adapter.nn.attention import IMPLEMENTATIONS, dot_product_attention
 from jax_adapter.nn.layers import DType, compute_dtype, gelu, linear
 from jax_adapter.nn.rope import apply_rope
 
@@ -24,12 +26,17 @@ class Attention(nnx.Module):
     ``qkv`` bias is kept, for round-tripping, but never added: upstream's ``bias_mask``) and an
     optional RoPE table ``rope = (sin, cos)`` ``[HW, Dh]`` that rotates q and k of the last ``HW``
     tokens (the leading prefix tokens get no position).
+    ``implementation``: the attention core (``jax_adapter.nn.attention``); ``"auto"`` picks cuDNN
+    on GPU for bfloat16/float16 and the chunked core on CPU.
     """
 
     def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: DType = None,
                  param_dtype: DType = jnp.float32, qkv_bias: bool = True, proj_bias: bool = True,
-                 mask_k_bias: bool = False):
+                 mask_k_bias: bool = False, implementation: str = "auto"):
+        if implementation not in IMPLEMENTATIONS:
+            raise ConfigError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
         self.num_heads = num_heads
+        self.implementation = implementation
         self.mask_k_bias = mask_k_bias and qkv_bias
         self.qkv = linear(dim, 3 * dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs, bias=qkv_bias)
         self.proj = linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs, bias=proj_bias)
@@ -53,19 +60,8 @@ class Attention(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        # Logits and softmax in float32 whatever the compute dtype.
-        if x.dtype == jnp.float32:
-            out = jax.nn.dot_product_attention(q, k, v, scale=(d // self.num_heads) ** -0.5)
-        else:
-            out = _attention_f32_softmax(q, k, v)
+        out = dot_product_attention(q, k, v, implementation=self.implementation)
         return self.proj(out.reshape(b, n, d))
-
-
-def _attention_f32_softmax(q, k, v):
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", p, v)
 
 
 class Mlp(nnx.Module):

@@ -1,0 +1,88 @@
+"""The CPU formulations of the depthwise conv and the max-pool against XLA's ops and PyTorch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from jax import lax
+
+from jax_adapter.nn import conv as conv_ops
+from jax_adapter.nn.conv import depthwise_conv3x3, max_pool3x3s2
+
+# float32, the same sums in another order.
+ATOL = 1e-5
+
+
+def fwd_bwd(fn, *args, seed=1):
+    out, vjp = jax.vjp(fn, *args)
+    g = jnp.asarray(np.random.default_rng(seed).standard_normal(out.shape).astype(np.float32))
+    return (out, *vjp(g))
+
+
+def xla_depthwise(x, k, b):
+    y = lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
+    return y + b
+
+
+@pytest.mark.parametrize("h, w", [(1, 1), (5, 7), (9, 23), (34, 90)])
+def test_depthwise_matches_grouped_conv(h, w):
+    rng = np.random.default_rng(h * w)
+    x = jnp.asarray(rng.standard_normal((2, h, w, 12)).astype(np.float32))
+    k = jnp.asarray(rng.standard_normal((3, 3, 1, 12)).astype(np.float32))
+    b = jnp.asarray(rng.standard_normal(12).astype(np.float32))
+    for name, a, r in zip(("out", "dx", "dk", "db"), fwd_bwd(depthwise_conv3x3, x, k, b), fwd_bwd(xla_depthwise, x, k, b)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=0, atol=ATOL * max(1, np.abs(r).max()), err_msg=name)
+
+
+def test_depthwise_bfloat16_accumulates_in_float32():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, 6, 8, 4)).astype(np.float32)).astype(jnp.bfloat16)
+    k = jnp.asarray(rng.standard_normal((3, 3, 1, 4)).astype(np.float32))
+    got = depthwise_conv3x3(x, k)
+    assert got.dtype == jnp.bfloat16
+    ref = xla_depthwise(x.astype(jnp.float32), k, 0.0)
+    # One bfloat16 rounding of the result: relative 2**-8.
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref), rtol=2 ** -8, atol=1e-6)
+
+
+@pytest.mark.parametrize("h, w", [(1, 1), (2, 3), (7, 9), (8, 10), (17, 45)])
+def test_max_pool_matches_xla(h, w):
+    rng = np.random.default_rng(h + w)
+    # ReLU'd input, as in the stem: many exact-zero ties.
+    x = jnp.asarray(np.maximum(rng.standard_normal((2, h, w, 5)), 0).astype(np.float32))
+    ref = lambda x: nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # noqa: E731
+    got, want = fwd_bwd(max_pool3x3s2, x), fwd_bwd(ref, x)
+    assert got[0].shape == (2, -(-h // 2), -(-w // 2), 5)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    # A pixel in several windows sums their cotangents, in another order than XLA's.
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=0, atol=ATOL)
+
+
+def test_max_pool_ties_go_to_the_first_maximum_like_pytorch():
+    # Whole windows of equal positive values: PyTorch routes the gradient to the first one.
+    x = np.ones((1, 1, 6, 7), np.float32)
+    x[0, 0, 2:4, 3:5] = 2.0
+    t = torch.from_numpy(x).requires_grad_(True)
+    out = torch.nn.functional.max_pool2d(t, 3, 2, 1)
+    g = np.random.default_rng(0).standard_normal(out.shape).astype(np.float32)
+    out.backward(torch.from_numpy(g))
+    xj = jnp.asarray(x.transpose(0, 2, 3, 1))
+    o, vjp = jax.vjp(max_pool3x3s2, xj)
+    (dx,) = vjp(jnp.asarray(g.transpose(0, 2, 3, 1)))
+    np.testing.assert_array_equal(np.asarray(o), out.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(np.asarray(dx), t.grad.numpy().transpose(0, 2, 3, 1))
+
+
+def test_models_use_the_cpu_formulations_only_on_cpu(monkeypatch):
+    from jax_adapter.nn.layers import MaxPool3x3s2
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 6, 6, 2)).astype(np.float32))
+    called = []
+    monkeypatch.setattr("jax_adapter.nn.layers.max_pool3x3s2", lambda x: called.append(1) or x)
+    MaxPool3x3s2()(x)
+    assert called == [1]
+    monkeypatch.setattr("jax_adapter.nn.layers.use_cpu_formulations", lambda: False)
+    assert MaxPool3x3s2()(x).shape == (1, 3, 3, 2) and called == [1]
+    assert conv_ops.use_cpu_formulations() == (jax.default_backend() == "cpu")
