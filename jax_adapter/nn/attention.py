@@ -10,8 +10,8 @@ One function, three implementations, chosen statically from the platform, dtype 
   ``custom_vjp`` (the FlashAttention-2 algorithm written with XLA ops): the logits of one chunk
   stay in cache instead of going through memory, and the backward rebuilds them from the saved
   log-sum-exp rather than storing them. Measured on a 2-core CPU at ``[2, 970, 6, 64]``, float32:
-  forward+backward in about 0.7x the time of PyTorch's ``scaled_dot_product_attention`` where
-  ``jax.nn.dot_product_attention`` took 2-3x (see ``benchmarks/attention_cpu.py``).
+  forward+backward in 0.74x-0.97x the time of PyTorch's ``scaled_dot_product_attention``, where
+  ``jax.nn.dot_product_attention`` took 2x (``benchmarks/train_step.py``, section ``parts``).
 - ``"xla"``: the textbook formulation with float32 logits; GPUs without a cuDNN path use it
   (large matmuls are what they are fast at).
 
