@@ -23,7 +23,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import numpy as np
 from flax import nnx
 
-from jax_adapter.checkpoint import _is_float, cast_floats, numpy_dtype
+from jax_adapter.checkpoint import cast_floats, dtype_by_name, is_float
 
 from .tensors import load
 from jax_adapter.nn.layers import BatchNorm2d, ConvTranspose2x2
@@ -171,7 +171,7 @@ def convert_tensors(
     for key, t in tensors.items():
         slot = expected[key]
         a = load(t)
-        target = numpy_dtype(dtype) if dtype is not None and _is_float(a.dtype) else slot.dtype
+        target = dtype_by_name(dtype) if dtype is not None and is_float(a.dtype) else slot.dtype
         out[slot.path] = np.array(slot.rule.to_jax(a), dtype=target, order="C", copy=True)
         on_tensor(a.nbytes)
         del a
@@ -187,7 +187,7 @@ def torch_arrays(expected: Dict[str, Slot], arrays: Dict[str, np.ndarray], *, po
     """
     for key, slot in expected.items():
         a = arrays.pop(slot.path) if pop else arrays[slot.path]
-        a = cast_floats(a, dtype) if _is_float(a.dtype) else a.astype(np.int64)
+        a = cast_floats(a, dtype) if is_float(a.dtype) else a.astype(np.int64)
         yield key, np.asarray(slot.rule.to_torch(a), order="C")
 
 

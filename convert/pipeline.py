@@ -19,13 +19,14 @@ import numpy as np
 from tqdm import tqdm
 
 from jax_adapter import checkpoint
+from jax_adapter.errors import ConversionError, JaxAdapterError
+from jax_adapter.models.build import abstract_model, init_arrays
 from jax_adapter.progress import progress_bar
 
-from . import formats
+from . import formats, resolve
 from .keys import cast_floats, check_fit, check_stored, convert_tensors, slots, torch_arrays
 from .reader import open_source
 from .tensors import nbytes, shape_of
-from jax_adapter.errors import ConversionError, JaxAdapterError
 
 EXPORT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _BATCH_STATS = (".mean", ".var", ".num_batches_tracked", "running_mean", "running_var")
@@ -85,8 +86,6 @@ def convert_file(
     ``"bfloat16"``) is the stored arrays' dtype (default: the config's ``param_dtype``).
     ``progress``: the stream for progress bars (default stderr, shown only on a terminal).
     """
-    from jax_adapter.checkpoint import abstract_model, init_arrays
-
     checkpoint.check_destination(dst, overwrite)
     source = open_source(src, prefix)
     fmt = formats.get(source.format)
@@ -104,8 +103,8 @@ def convert_file(
             tensors = family.in_adapter(tensors)
         shapes = {k: shape_of(t) for k, t in tensors.items()}
         source_shapes = {k: shape_of(t) for k, t in source.tensors.items()}
-        configured = family.configure(shapes, source_shapes, source.format, source.hf_config, config,
-                                      preset, kind)
+        configured = resolve.configure(family, shapes, source_shapes, source.format, source.hf_config,
+                                       config, preset, kind)
         cfg = configured.config
         expected = slots(abstract_model(kind, cfg))
         # Tensors the model may lack (an unused mask token) are dropped, not refused.
@@ -178,8 +177,6 @@ def export_checkpoint(
     """
     from .safetensors_io import write_safetensors
     from .torch_io import write_pth
-    from jax_adapter.checkpoint import abstract_model
-
     if not out.lower().endswith(EXPORT_SUFFIXES):
         raise ConversionError(f"{out}: unknown output format (expected {', '.join(EXPORT_SUFFIXES)})")
     checkpoint.check_destination(out, overwrite)
@@ -246,7 +243,7 @@ def inspect_path(path: str, prefix: Optional[str] = None) -> Dict[str, object]:
         tensors = fmt.to_canonical(source.tensors)
         shapes = {k: shape_of(t) for k, t in tensors.items()}
         source_shapes = {k: shape_of(t) for k, t in source.tensors.items()}
-        described = fmt.family.describe(shapes, source_shapes, source.format, source.hf_config, kind)
+        described = resolve.describe(fmt.family, shapes, source_shapes, source.format, source.hf_config, kind)
     except JaxAdapterError as e:
         raise ConversionError(f"{path}: {e}") from None
     info: Dict[str, Any] = {

@@ -76,7 +76,7 @@ def _is_tensor(v) -> bool:
     return hasattr(v, "detach") and hasattr(v, "shape")
 
 
-def numpy_dtype(t) -> np.dtype:
+def torch_dtype_to_numpy(t) -> np.dtype:
     torch = _import_torch()
     special = {torch.bfloat16: DTYPES["BF16"], torch.bool: np.dtype(np.bool_)}
     if t.dtype in special:
@@ -92,7 +92,7 @@ class TorchTensor:
     def __init__(self, tensor):
         self.tensor = tensor
         self.shape = tuple(tensor.shape)
-        self.dtype = numpy_dtype(tensor)
+        self.dtype = torch_dtype_to_numpy(tensor)
 
     def load(self) -> np.ndarray:
         t = self.tensor.detach().cpu()

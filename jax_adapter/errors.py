@@ -31,3 +31,7 @@ class ConversionError(JaxAdapterError):
 class FetchError(JaxAdapterError):
     """Weights named by a preset, URL or ``hf-hub:`` name that cannot be fetched (offline and not
     cached, a failed or truncated download, an unknown name)."""
+
+
+class TrainingError(JaxAdapterError):
+    """A training run that cannot go on (a non-finite loss)."""

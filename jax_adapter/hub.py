@@ -1,8 +1,9 @@
-"""Weights by name: preset names, ``http(s)://`` URLs and ``hf-hub:ORG/NAME[@REVISION]`` resolved
-to local files, through a download cache.
+"""Weights by name: registered weights, ``http(s)://`` URLs and ``hf-hub:ORG/NAME[@REVISION]``
+resolved to local files, through a download cache.
 
-- A **preset name** whose official weights are public (:data:`PRETRAINED`: the DINOv2 hub models,
-  ``dinov2_vit{s,b,l,g}14`` and ``..._reg``) stands for its official URL.
+- **Registered weights** (:mod:`jax_adapter.registry`: ``dinov2_vitb14.lvd142m``, or an
+  architecture with weights such as ``dinov2_vitb14``) stand for their official URL; gated ones
+  (DINOv3) have none, and the error says how to get them.
 - A **URL** of a ``.pth`` / ``.safetensors`` file is downloaded with the standard library's
   ``urllib`` (redirects, proxies from the environment, TLS; no dependency to add for one GET).
   Signed URLs (DINOv3 weights are gated) work as given; the query string is not part of the cache
@@ -12,7 +13,8 @@ to local files, through a download cache.
 
 Downloads go to ``$JAX_ADAPTER_CACHE/downloads/`` (default ``~/.cache/jax-adapter``), are written
 to a temporary file that is renamed into place only once complete and verified, so an
-interrupted download leaves nothing in the cache. A file name carrying a sha256 prefix
+interrupted download leaves nothing in the cache. Processes sharing the cache download an entry
+once: the download runs under a file lock (``locks/``), and the others wait and then find it. A file name carrying a sha256 prefix
 (``...-eadcf0ff.pth``, the torch hub and DINOv3 convention) is checked against it.
 
 Offline (``HF_HUB_OFFLINE=1``, or no network) a cached entry is used as it is and a missing one
@@ -35,28 +37,12 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Dict, Optional, TextIO
+from typing import Optional, TextIO
 
+from jax_adapter import registry
 from jax_adapter.errors import ConversionError, FetchError
+from jax_adapter.files import file_lock
 
-_DINOV2 = "https://dl.fbaipublicfiles.com/dinov2"
-# Preset name -> official weights URL (public, no hash in the names).
-PRETRAINED: Dict[str, str] = {
-    f"dinov2_vit{v}14{suffix}": f"{_DINOV2}/dinov2_vit{v}14/dinov2_vit{v}14{tag}_pretrain.pth"
-    for v in "sblg" for suffix, tag in (("", ""), ("_reg", "_reg4"))
-}
-# DINOv3 weights are gated: the names are known, the URLs are signed per user.
-GATED: Dict[str, str] = {
-    "dinov3_vits16": "dinov3_vits16_pretrain_lvd1689m-08c60483.pth",
-    "dinov3_vits16plus": "dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth",
-    "dinov3_vitb16": "dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth",
-    "dinov3_vitl16": "dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth",
-    "dinov3_vitl16_sat": "dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth",
-    "dinov3_vitl16plus": "dinov3_vitl16plus_pretrain_lvd1689m-46503df0.pth",
-    "dinov3_vith16plus": "dinov3_vith16plus_pretrain_lvd1689m-7c1da9a5.pth",
-    "dinov3_vit7b16": "dinov3_vit7b16_pretrain_lvd1689m-a955f4ea.pth",
-    "dinov3_vit7b16_sat": "dinov3_vit7b16_pretrain_sat493m-a6675841.pth",
-}
 HF_PREFIX = "hf-hub:"
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.(?:pth|pt|bin|safetensors)$")
@@ -90,7 +76,17 @@ def is_remote(name: str) -> bool:
     """
     if os.path.exists(name):
         return False
-    return name in PRETRAINED or name in GATED or name.startswith(HF_PREFIX) or _is_url(name)
+    return _registered(name) is not None or name.startswith(HF_PREFIX) or _is_url(name)
+
+
+def _registered(name: str) -> Optional[registry.Weights]:
+    """The weights ``name`` stands for: registered weights, or an architecture's default ones."""
+    if registry.is_weights(name):
+        return registry.weights(name)
+    if registry.is_architecture(name):
+        available = registry.weights_of(name)
+        return available[0] if available else None
+    return None
 
 
 def _is_url(name: str) -> bool:
@@ -136,6 +132,11 @@ def cache_dir() -> str:
         return os.path.abspath(os.path.expanduser(os.environ["JAX_ADAPTER_CACHE"]))
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "jax-adapter")
+
+
+def lock_path(*entry: str) -> str:
+    """The lock file of a cache entry (``("downloads", digest)``, ``("checkpoints", key)``)."""
+    return os.path.join(cache_dir(), "locks", "-".join(entry) + ".lock")
 
 
 def offline() -> bool:
@@ -281,9 +282,15 @@ def fetch_url(url: str, *, stream: Optional[TextIO] = None, show_progress: Optio
             raise FetchError(
                 f"{origin}: not in the cache and HF_HUB_OFFLINE is set; download it with network "
                 f"access (unset HF_HUB_OFFLINE), or fetch {_strip_query(url)} yourself and put it at {path}")
-        digest = download(url, path, stream=stream, show_progress=show_progress)
-        _write_record(path, {"sha256": digest, "bytes": os.path.getsize(path), "url": _strip_query(url)})
-        identity = "sha256:" + digest
+        # One download per entry across processes: whoever gets the lock first downloads, the
+        # others find the finished entry when they get it.
+        with file_lock(lock_path("downloads", os.path.basename(os.path.dirname(path)))):
+            identity = _cached_identity(path)
+            if identity is None:
+                digest = download(url, path, stream=stream, show_progress=show_progress)
+                _write_record(path, {"sha256": digest, "bytes": os.path.getsize(path),
+                                     "url": _strip_query(url)})
+                identity = "sha256:" + digest
     return Fetched(path=path, identity=identity, origin=origin, preset=preset)
 
 
@@ -356,22 +363,27 @@ def _weights_in(folder: str):
 
 
 def fetch(name: str, *, stream: Optional[TextIO] = None, show_progress: Optional[bool] = None) -> Fetched:
-    """Resolve a preset name, URL or ``hf-hub:`` name to local weights, fetching them if needed.
+    """Resolve registered weights, a URL or an ``hf-hub:`` name to local weights, fetching them
+    if needed. ``Fetched.preset`` is the architecture registered weights belong to.
 
-    ``FetchError`` for an unknown name, a gated preset (DINOv3: pass the signed URL), a failed
+    ``FetchError`` for an unknown name, gated weights (DINOv3: pass the signed URL), a failed
     download, or a missing entry while offline.
     """
-    if name in PRETRAINED:
-        return fetch_url(PRETRAINED[name], stream=stream, show_progress=show_progress, preset=name,
-                         origin=name)
-    if name in GATED:
-        raise FetchError(
-            f"{name}: DINOv3 weights are gated: request access from Meta and pass the signed URL you "
-            f"receive for {GATED[name]} (the hash in its name is checked)")
+    weights = _registered(name)
+    if weights is not None:
+        if weights.url is None:
+            raise FetchError(
+                f"{name}: the weights {weights.name} are gated: {weights.gated} for "
+                f"{weights.file_name} (the hash in its name is checked)")
+        return fetch_url(weights.url, stream=stream, show_progress=show_progress,
+                         preset=weights.architecture, origin=weights.name)
     if name.startswith(HF_PREFIX):
         return fetch_hf(name)
     if _is_url(name):
         return fetch_url(name, stream=stream, show_progress=show_progress)
-    known = ", ".join(PRETRAINED)
-    raise FetchError(f"{name}: no such file or folder, and not a pretrained name ({known}), "
+    if registry.is_architecture(name):
+        raise FetchError(f"{name}: no registered weights for this model; pass a weights file, URL or "
+                         f"hf-hub:ORG/NAME")
+    known = ", ".join(registry.list_pretrained())
+    raise FetchError(f"{name}: no such file or folder, and not registered weights ({known}), "
                      f"an http(s):// URL or hf-hub:ORG/NAME")

@@ -16,22 +16,31 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from jax_adapter import registry
 from jax_adapter.errors import InputError, JaxAdapterError
+from jax_adapter.models.base import IMAGENET_MEAN, IMAGENET_STD
+from jax_adapter.models.dinov3.presets import SAT_MEAN, SAT_STD
 
-# name -> (mean, std) per RGB channel, for pixel values in [0, 1].
+# name -> (mean, std) per RGB channel, for pixel values in [0, 1]: the statistics of the
+# registered weights, by the names the command line takes.
 STATS = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    # DINOv3 SAT493M weights (their README's preprocessing).
-    "sat": ((0.430, 0.411, 0.296), (0.213, 0.156, 0.143)),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "sat": (SAT_MEAN, SAT_STD),  # DINOv3's SAT-493M weights
 }
 MODES = ("resize", "pad")
 Size = Union[int, Tuple[int, int], None]
 
 
 def stats_for(source: Optional[str]) -> str:
-    """The statistics name for weights from ``source`` (a file name, URL or pretrained name):
-    ``"sat"`` for DINOv3 satellite weights (``sat493m`` in the name), else ``"imagenet"``."""
-    return "sat" if source and "sat493m" in source.lower() else "imagenet"
+    """The statistics name (a key of :data:`STATS`) of the weights ``source`` names or points
+    at (registered weights, or a URL or file of registered weights: their entry says; see
+    :func:`jax_adapter.registry.find_weights`); ``"imagenet"`` for anything else."""
+    w = registry.find_weights(source) if source else None
+    if w is not None:
+        for name, (mean, std) in STATS.items():
+            if tuple(mean) == tuple(w.mean) and tuple(std) == tuple(w.std):
+                return name
+    return "imagenet"
 
 
 def _pillow():
@@ -101,11 +110,19 @@ def fit_size(height: int, width: int, size: Tuple[int, int]) -> Tuple[int, int]:
     return max(1, min(size[0], round(height * scale))), max(1, min(size[1], round(width * scale)))
 
 
-def _mean_std(stats: str, mean, std) -> Tuple[np.ndarray, np.ndarray]:
-    if stats not in STATS:
+def _mean_std(stats: str, mean, std, weights: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
+    if weights is not None:
+        w = registry.find_weights(weights)
+        if w is None:
+            raise InputError(f"unknown weights {weights!r}: expected one of "
+                             f"{', '.join(registry.list_pretrained())}")
+        default = (w.mean, w.std)
+    elif stats not in STATS:
         raise InputError(f"unknown stats {stats!r}: expected one of {', '.join(STATS)}")
-    m = np.asarray(STATS[stats][0] if mean is None else mean, np.float32).reshape(-1)
-    s = np.asarray(STATS[stats][1] if std is None else std, np.float32).reshape(-1)
+    else:
+        default = STATS[stats]
+    m = np.asarray(default[0] if mean is None else mean, np.float32).reshape(-1)
+    s = np.asarray(default[1] if std is None else std, np.float32).reshape(-1)
     if m.shape != (3,) or s.shape != (3,) or not (s > 0).all():
         raise InputError(f"mean and std must be 3 values each, std positive; got {m.tolist()}, {s.tolist()}")
     return m, s
@@ -114,6 +131,7 @@ def _mean_std(stats: str, mean, std) -> Tuple[np.ndarray, np.ndarray]:
 def preprocess(
     image, size: Size = None, *, mode: str = "resize", stats: str = "imagenet",
     mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+    weights: Optional[str] = None,
 ) -> np.ndarray:
     """One image as model input: ``[1, H, W, 3]`` float32, NHWC, normalised.
 
@@ -121,13 +139,14 @@ def preprocess(
     0..1). ``size``: ``(H, W)`` or one int for a square; ``None`` keeps the image's size.
     ``mode="resize"`` resizes to exactly ``size`` (bicubic, antialiased); ``mode="pad"`` keeps
     the aspect ratio, fits the image inside ``size`` and pads the bottom and right with the mean
-    colour (zero after normalisation; the model pads the same way). ``stats``: ``"imagenet"`` or
-    ``"sat"`` (DINOv3 SAT493M weights; see :func:`stats_for`), or explicit ``mean`` / ``std``
-    for pixel values in [0, 1].
+    colour (zero after normalisation; the model pads the same way). Normalisation: the statistics
+    of registered ``weights`` (``"dinov3_vitl16_sat.sat493m"``: their entry's mean and std), else
+    ``stats`` (``"imagenet"`` or ``"sat"``), or explicit ``mean`` / ``std`` for pixel values in
+    [0, 1].
     """
     if mode not in MODES:
         raise InputError(f"unknown mode {mode!r}: expected one of {', '.join(MODES)}")
-    m, s = _mean_std(stats, mean, std)
+    m, s = _mean_std(stats, mean, std, weights)
     a = load_image(image)
     target = _size(size)
     inner = None

@@ -125,7 +125,7 @@ def save_png(img, path: str) -> None:
     """Write a :func:`picture` to ``path`` atomically, with its tile record as PNG text."""
     from PIL.PngImagePlugin import PngInfo
 
-    from jax_adapter.checkpoint import write_file
+    from jax_adapter.files import write_file
 
     meta = PngInfo()
     if PNG_KEY in img.info:

@@ -103,12 +103,15 @@ class Config:
     """
 
     interpret: bool
+    # Queries per program of each kernel.
     block_q: int = 32
     block_q_grad: int = 32
     block_q_value: int = 8
+    # Triton's launch parameters.
     num_warps: int = 4
     num_warps_value: int = 1
     num_stages: int = 1
+    # Data parallelism (see above).
     mesh: Any = None
     batch_axis: Any = None
 

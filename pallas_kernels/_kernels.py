@@ -278,3 +278,27 @@ def _batch_sharded(fn: Callable, cfg: Config) -> Callable:
         return fn
     spec = PartitionSpec(cfg.batch_axis)
     return jax.shard_map(fn, mesh=cfg.mesh, in_specs=spec, out_specs=spec, check_vma=False)
+
+
+def differentiable(src: Source, finish: Callable[[tuple, tuple], tuple] = lambda grads, inputs: grads
+                   ) -> Callable:
+    """The sampling core of ``src`` as ``core(value, shapes, inputs, cfg) -> [B, Q, M*Dh]``,
+    differentiable by a ``custom_vjp`` whose backward is the two gradient kernels (residuals:
+    the inputs). ``finish(grads, inputs)`` turns the input-gradient kernel's outputs into the
+    gradients of ``inputs`` (the fused source sums its per-head partial sums there)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 3))
+    def core(value, shapes, inputs, cfg):
+        return forward(src, shapes, value, inputs, cfg)
+
+    def core_fwd(value, shapes, inputs, cfg):
+        return core(value, shapes, inputs, cfg), (value, inputs)
+
+    def core_bwd(shapes, cfg, res, g):
+        value, inputs = res
+        g_inputs = grad_inputs(src, shapes, value, g, inputs, cfg)
+        g_value = grad_value(src, shapes, value, g, inputs, cfg)
+        return g_value, tuple(finish(g_inputs, inputs))
+
+    core.defvjp(core_fwd, core_bwd)
+    return core

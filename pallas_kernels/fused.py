@@ -7,7 +7,6 @@ locations nor the softmaxed weights ever exist in memory.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence, Tuple
 
 import jax
@@ -96,42 +95,21 @@ class _Fused:
         store(at(gref_ref, rows, 2 * m + 1), gry, ok)
 
 
-_SOURCE = _Fused()
+def _finish(grads: tuple, inputs: tuple) -> tuple:
+    """The reference point's gradient is one partial sum per head (the heads live in different
+    programs): reduce them here."""
+    g_ref_heads, g_off, g_logits = grads
+    return g_ref_heads.sum(axis=2).astype(inputs[0].dtype), g_off, g_logits
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 5))
-def _fused(value, shapes, ref, offsets, logits, cfg):
-    return _kernels.forward(_SOURCE, shapes, value, (ref, offsets, logits), cfg)
+# ``core(value, shapes, (reference_points, offsets, logits), cfg)``, differentiable.
+_CORE = _kernels.differentiable(_Fused(), _finish)
 
 
-def _fused_fwd(value, shapes, ref, offsets, logits, cfg):
-    return _fused(value, shapes, ref, offsets, logits, cfg), (value, ref, offsets, logits)
-
-
-def _fused_bwd(shapes, cfg, res, g):
-    value, ref, offsets, logits = res
-    inputs = (ref, offsets, logits)
-    g_ref_heads, g_off, g_logits = _kernels.grad_inputs(_SOURCE, shapes, value, g, inputs, cfg)
-    g_value = _kernels.grad_value(_SOURCE, shapes, value, g, inputs, cfg)
-    return g_value, g_ref_heads.sum(axis=2).astype(ref.dtype), g_off, g_logits
-
-
-_fused.defvjp(_fused_fwd, _fused_bwd)
-
-
-def ms_deform_attn_fused(
-    value: jax.Array,
-    spatial_shapes: Sequence[Tuple[int, int]],
-    reference_points: jax.Array,
-    offsets: jax.Array,
-    logits: jax.Array,
-    *,
-    interpret: bool | None = None,
-    block_q: int | None = None,
-    block_q_value: int | None = None,
-    mesh: Any = None,
-    batch_axis: Any = None,
-) -> jax.Array:
+def ms_deform_attn_fused(value: jax.Array, spatial_shapes: Sequence[Tuple[int, int]], reference_points: jax.Array,
+                         offsets: jax.Array, logits: jax.Array, *, interpret: bool | None = None,
+                         block_q: int | None = None, block_q_value: int | None = None, mesh: Any = None,
+                         batch_axis: Any = None) -> jax.Array:
     """Sampling core with ``loc = ref + offsets / (W_l, H_l)`` and the softmax done in-kernel.
 
     Args:
@@ -148,4 +126,4 @@ def ms_deform_attn_fused(
     """
     shapes = static_shapes(spatial_shapes)
     cfg = make_config("fused", value.shape[-1], interpret, block_q, block_q_value, mesh, batch_axis)
-    return _fused(value, shapes, reference_points, offsets, logits, cfg)
+    return _CORE(value, shapes, (reference_points, offsets, logits), cfg)

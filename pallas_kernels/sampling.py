@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Sequence, Tuple
 
 import jax
@@ -51,40 +50,13 @@ class _Direct:
         pass
 
 
-_SOURCE = _Direct()
+# ``core(value, shapes, (locations, weights), cfg)``, differentiable.
+_CORE = _kernels.differentiable(_Direct())
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 4))
-def _msda(value, shapes, loc, attn, cfg):
-    return _kernels.forward(_SOURCE, shapes, value, (loc, attn), cfg)
-
-
-def _msda_fwd(value, shapes, loc, attn, cfg):
-    return _msda(value, shapes, loc, attn, cfg), (value, loc, attn)
-
-
-def _msda_bwd(shapes, cfg, res, g):
-    value, loc, attn = res
-    g_loc, g_attn = _kernels.grad_inputs(_SOURCE, shapes, value, g, (loc, attn), cfg)
-    g_value = _kernels.grad_value(_SOURCE, shapes, value, g, (loc, attn), cfg)
-    return g_value, g_loc, g_attn
-
-
-_msda.defvjp(_msda_fwd, _msda_bwd)
-
-
-def ms_deform_attn(
-    value: jax.Array,
-    spatial_shapes: Sequence[Tuple[int, int]],
-    sampling_locations: jax.Array,
-    attention_weights: jax.Array,
-    *,
-    interpret: bool | None = None,
-    block_q: int | None = None,
-    block_q_value: int | None = None,
-    mesh: Any = None,
-    batch_axis: Any = None,
-) -> jax.Array:
+def ms_deform_attn(value: jax.Array, spatial_shapes: Sequence[Tuple[int, int]], sampling_locations: jax.Array,
+                   attention_weights: jax.Array, *, interpret: bool | None = None, block_q: int | None = None,
+                   block_q_value: int | None = None, mesh: Any = None, batch_axis: Any = None) -> jax.Array:
     """Multi-scale deformable attention sampling core as Pallas (Triton) kernels.
 
     Args:
@@ -106,4 +78,4 @@ def ms_deform_attn(
     """
     shapes = static_shapes(spatial_shapes)
     cfg = make_config("plain", value.shape[-1], interpret, block_q, block_q_value, mesh, batch_axis)
-    return _msda(value, shapes, sampling_locations, attention_weights, cfg)
+    return _CORE(value, shapes, (sampling_locations, attention_weights), cfg)

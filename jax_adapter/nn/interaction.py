@@ -85,6 +85,15 @@ class ConvFFN(nnx.Module):
         return self.fc2(gelu(self.dwconv(self.fc1(x), geom)))
 
 
+def _add_attention(module: nnx.Module, cfg: InteractionConfig, levels: int, rngs: nnx.Rngs) -> None:
+    """``query_norm``, ``feat_norm`` and the deformable attention over ``levels`` levels."""
+    d = cfg.embed_dim
+    module.query_norm = layer_norm(d, rngs=rngs, **_dtypes(cfg))
+    module.feat_norm = layer_norm(d, rngs=rngs, **_dtypes(cfg))
+    module.attn = MSDeformAttn(d, levels, cfg.deform_num_heads, cfg.n_points, cfg.deform_ratio,
+                               impl=cfg.msda_impl, rngs=rngs, **_dtypes(cfg))
+
+
 class Injector(nnx.Module):
     """``x + gamma * MSDeformAttn(query_norm(x), feat_norm(c))`` over levels c2, c3, c4.
 
@@ -93,10 +102,7 @@ class Injector(nnx.Module):
 
     def __init__(self, cfg: InteractionConfig, *, rngs: nnx.Rngs):
         d = cfg.embed_dim
-        self.query_norm = layer_norm(d, rngs=rngs, **_dtypes(cfg))
-        self.feat_norm = layer_norm(d, rngs=rngs, **_dtypes(cfg))
-        self.attn = MSDeformAttn(d, 3, cfg.deform_num_heads, cfg.n_points, cfg.deform_ratio,
-                                 impl=cfg.msda_impl, rngs=rngs, **_dtypes(cfg))
+        _add_attention(self, cfg, 3, rngs)
         self.gamma = nnx.Param(jnp.full((d,), cfg.init_values, cfg.param_dtype))
 
     def __call__(self, x: jax.Array, c: jax.Array, geom: AdapterGeometry) -> jax.Array:
@@ -113,10 +119,7 @@ class Extractor(nnx.Module):
 
     def __init__(self, cfg: InteractionConfig, *, rngs: nnx.Rngs):
         d = cfg.embed_dim
-        self.query_norm = layer_norm(d, rngs=rngs, **_dtypes(cfg))
-        self.feat_norm = layer_norm(d, rngs=rngs, **_dtypes(cfg))
-        self.attn = MSDeformAttn(d, 1, cfg.deform_num_heads, cfg.n_points, cfg.deform_ratio,
-                                 impl=cfg.msda_impl, rngs=rngs, **_dtypes(cfg))
+        _add_attention(self, cfg, 1, rngs)
         self.with_cffn = cfg.with_cffn
         if cfg.with_cffn:
             self.ffn = ConvFFN(d, int(d * cfg.cffn_ratio), rngs=rngs, **_dtypes(cfg))

@@ -239,13 +239,8 @@ def _bwd(shapes, formulation, res, g):
 _ms_deform_attn.defvjp(_fwd, _bwd)
 
 
-def ms_deform_attn_xla(
-    value: jax.Array,
-    spatial_shapes: Sequence[Tuple[int, int]],
-    sampling_locations: jax.Array,
-    attention_weights: jax.Array,
-    formulation: str | None = None,
-) -> jax.Array:
+def ms_deform_attn_xla(value: jax.Array, spatial_shapes: Sequence[Tuple[int, int]], sampling_locations: jax.Array,
+                       attention_weights: jax.Array, formulation: str | None = None) -> jax.Array:
     """Pure-XLA sampling core; see :func:`jax_adapter.nn.msda.ms_deform_attn` (inputs unchecked).
 
     ``formulation``: ``"cpu"`` (a loop over the (batch, head) pairs) or ``"gpu"`` (all pairs at

@@ -3,26 +3,37 @@ which get weight decay."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Hashable, Optional, Sequence, Tuple
+from typing import Any, Callable, Hashable, Optional, Sequence, Tuple
 
 import jax
 from flax import nnx
 
-Path = Tuple[Hashable, ...]
-Batch = Any
-# ``loss_fn(model, batch) -> (scalar loss, {name: scalar})``; it runs the model in train mode.
-LossFn = Callable[[nnx.Module, Batch], Tuple[jax.Array, Dict[str, jax.Array]]]
+from jax_adapter import models, registry
+from jax_adapter.models.base import trunk_names
 
-# Top-level names of the DINOv2 trunk inside a DinoAdapter (or DinoV2), and of a DINOv3 trunk.
-EMBEDDING_NAMES = ("patch_embed", "cls_token", "pos_embed", "register_tokens", "storage_tokens",
-                   "mask_token")
-TRUNK_NAMES = EMBEDDING_NAMES + ("blocks", "norm")
-# The attribute under which an adapter holds its trunk as a separate module (the DINOv3
-# adapter: ``backbone.blocks.0...``); everything below it is trunk.
-NESTED_TRUNK = "backbone"
-# Parameters without weight decay besides vectors (biases, norms, LayerScale, gamma).
-NO_DECAY_NAMES = ("cls_token", "pos_embed", "register_tokens", "storage_tokens", "mask_token",
-                  "level_embed")
+Path = Tuple[Hashable, ...]
+
+
+def _unique(names) -> Tuple[str, ...]:
+    return tuple(dict.fromkeys(names))
+
+
+# The trunks' parameter groups (the :class:`~jax_adapter.models.base.Trunk` protocol) of every
+# registered family: embeddings (layer id 0), blocks, final norms. A DINOv2 adapter holds its
+# trunk's parameters at its top level, as in PyTorch.
+_TRUNKS = [k.model for k in registry.kinds() if k.role == "trunk"]
+EMBEDDING_NAMES = _unique(n for t in _TRUNKS for n in t.EMBEDDINGS)
+BLOCK_NAMES = _unique(t.BLOCKS for t in _TRUNKS)
+TRUNK_NAMES = _unique(n for t in _TRUNKS for n in trunk_names(t))
+# The attributes under which adapters hold their trunk as a separate module (the DINOv3
+# adapter: ``backbone.blocks.0...``); everything below one is trunk.
+NESTED_TRUNKS = _unique(k.model.TRUNK_PATH[0] for k in registry.kinds()
+                        if k.role == "adapter" and k.model.TRUNK_PATH)
+NESTED_TRUNK = NESTED_TRUNKS[0]  # earlier name
+# Parameters without weight decay besides vectors (biases, norms, LayerScale, gamma): the
+# trunks' token and position embeddings, and the adapters' level embedding.
+NO_DECAY_NAMES = tuple(n for n in EMBEDDING_NAMES if n not in ("patch_embed", "rope_embed")) + ("level_embed",)
+assert models  # the families are registered before the names above are read
 
 
 
@@ -36,16 +47,16 @@ def is_trunk(path: Sequence[Hashable], backbone_path: Sequence[Hashable] = ()) -
     """Whether a state path belongs to the trunk of the backbone at ``backbone_path``: the
     DINOv2 trunk's top-level names, or everything under a nested trunk module (DINOv3)."""
     rel = _relative(path, backbone_path)
-    return bool(rel) and (rel[0] in TRUNK_NAMES or rel[0] == NESTED_TRUNK)
+    return bool(rel) and (rel[0] in TRUNK_NAMES or rel[0] in NESTED_TRUNKS)
 
 
 def frozen_paths(model: nnx.Module) -> Tuple[Path, ...]:
     """Paths of the submodules that never train: those a module names in its
-    ``FROZEN_SUBMODULES`` (the DINOv3 adapter's trunk), wherever it sits in ``model``."""
+    ``frozen_submodules`` (the DINOv3 adapter's trunk), wherever it sits in ``model``."""
     out = []
     for path, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Module):
-            out += [tuple(path) + (name,) for name in getattr(type(node), "FROZEN_SUBMODULES", ())]
+            out += [tuple(path) + (name,) for name in getattr(node, "frozen_submodules", ())]
     return tuple(out)
 
 
@@ -73,12 +84,12 @@ def trainable_filter(freeze_trunk: bool = False, backbone_path: Sequence[Hashabl
 def layer_id(path: Sequence[Hashable], depth: int, backbone_path: Sequence[Hashable] = ()) -> int:
     """ViT-Adapter's layer id: embeddings 0, ``blocks.i`` i+1, everything else depth+1."""
     rel = _relative(path, backbone_path)
-    if rel and rel[0] == NESTED_TRUNK:
+    if rel and rel[0] in NESTED_TRUNKS:
         rel = rel[1:]  # a separate trunk module: the same names one level down
     if rel:
         if rel[0] in EMBEDDING_NAMES:
             return 0
-        if rel[0] == "blocks":
+        if rel[0] in BLOCK_NAMES:
             return int(rel[1]) + 1
     return depth + 1
 

@@ -8,17 +8,16 @@ re-sharded run sees exactly the same data.
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple, Union
+from typing import Any, Dict, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax_adapter import registry
 from jax_adapter.errors import ConfigError
-from jax_adapter.models.dinov2_adapter import DinoAdapter
-from jax_adapter.models.dinov2_adapter import AdapterConfig
-from jax_adapter.models.dinov3_adapter import DinoV3Adapter, DinoV3AdapterConfig
+from jax_adapter.models.base import IMAGENET_MEAN, IMAGENET_STD
 from jax_adapter.nn.layers import linear
 
 CLASSES = ("background", "rectangle", "ellipse")
@@ -36,8 +35,8 @@ def street_image(h: int, w: int) -> np.ndarray:
     for k, (cx, cy, bw, bh) in enumerate(((0.2, 0.6, 0.12, 0.15), (0.55, 0.58, 0.08, 0.1), (0.8, 0.65, 0.15, 0.2))):
         box = (np.abs(x / w - cx) < bw / 2) & (np.abs(y / h - cy) < bh / 2)
         img[box] = ((0.8, 0.1, 0.1), (0.1, 0.3, 0.8), (0.9, 0.9, 0.9))[k]
-    mean = np.array([0.485, 0.456, 0.406], np.float32)
-    std = np.array([0.229, 0.224, 0.225], np.float32)
+    mean = np.array(IMAGENET_MEAN, np.float32)
+    std = np.array(IMAGENET_STD, np.float32)
     return ((img - mean) / std)[None]
 
 
@@ -99,17 +98,14 @@ class DenseHead(nnx.Module):
 
 
 class SegmentationModel(nnx.Module):
-    """An adapter backbone (``DinoAdapter`` or ``DinoV3Adapter``, by the config's type) +
-    :class:`DenseHead`: images ``[B, H, W, 3]`` -> logits at stride 4."""
+    """An adapter backbone (the registered adapter of the config's type: ``DinoV2Adapter``,
+    ``DinoV3Adapter``) + :class:`DenseHead`: images ``[B, H, W, 3]`` -> logits at stride 4."""
 
-    def __init__(self, cfg: Union[AdapterConfig, DinoV3AdapterConfig], *, hidden: int = 64,
-                 rngs: nnx.Rngs):
-        if isinstance(cfg, DinoV3AdapterConfig):
-            self.backbone = DinoV3Adapter(cfg, rngs=rngs)
-        elif isinstance(cfg, AdapterConfig):
-            self.backbone = DinoAdapter(cfg, rngs=rngs)
-        else:
+    def __init__(self, cfg: Any, *, hidden: int = 64, rngs: nnx.Rngs):
+        kind = registry.kind_of_config(cfg)
+        if kind is None or kind.role != "adapter":
             raise ConfigError(f"SegmentationModel needs an adapter config, got {type(cfg).__name__}")
+        self.backbone = kind.model(cfg, rngs=rngs)
         self.head = DenseHead(cfg.embed_dim, hidden, len(CLASSES), dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype, rngs=rngs)
 
