@@ -154,3 +154,36 @@ def append_record(record: Dict[str, Any], path: Optional[str], default_name: str
         with open(path) as f:
             records = json.load(f)
     return write_record(records + [record], path, default_name)
+
+
+def measured(fn: Callable[[], Optional[Dict[str, Any]]]) -> Dict[str, Any]:
+    """``fn()``'s result with its wall time and this process's peak RSS (a child process runs
+    one such step, so that the peak is the step's own)."""
+    t0 = time.perf_counter()
+    extra = fn() or {}
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {"seconds": round(seconds, 2), "peak_rss_gb": round(peak / 1e9, 2), **extra}
+
+
+def cli(*argv: str) -> None:
+    """``jax-adapter argv`` in this process; a failure ends the step."""
+    from jax_adapter.cli import main
+
+    if main(list(argv)) != 0:
+        raise SystemExit(f"failed: jax-adapter {' '.join(argv)}")
+
+
+def child_step(module: str, *argv: str) -> Dict[str, Any]:
+    """``python -m module *argv`` from the repository root, whose last stdout line is a JSON
+    record; the record with the load average before and after."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    before = load_average()
+    out = subprocess.run([sys.executable, "-m", module, *argv], check=True, stdout=subprocess.PIPE,
+                         text=True, cwd=root).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    result["load_1min"] = [round(before, 2), round(load_average(), 2)]
+    return result

@@ -73,6 +73,19 @@ class Configured:
     provenance: Dict[str, Any]
 
 
+def hf_patch_size(cfg: Mapping[str, Any], default: int, problems: List[str]) -> int:
+    """A Hugging Face ``config.json``'s patch size (an int or a square pair); what no ViT here can
+    take (non-RGB input, a non-square patch) is added to ``problems``."""
+    if cfg.get("num_channels", 3) != 3:
+        problems.append(f"num_channels {cfg['num_channels']}")
+    patch = cfg.get("patch_size", default)
+    if isinstance(patch, (list, tuple)):
+        if len(set(patch)) != 1:
+            problems.append(f"non-square patch_size {patch}")
+        patch = patch[0]
+    return patch
+
+
 def infer_adapter(shapes: Shapes, d: int, out: Inferred, *, attention: str, levels: int) -> None:
     """The ViT-Adapter fields every family's adapter tensors fix (trunk width ``d``): the SPM's
     width, the interactions, the extra extractors, the ConvFFN, the value width and the

@@ -63,9 +63,7 @@ class Source(Protocol):
     """
 
     n_in: int
-
-    def dims(self, value: jax.Array, inputs: Sequence[jax.Array], shapes: Shapes) -> Dims:
-        """Static sizes of a call (from the local shapes under ``shard_map``)."""
+    points_input: int  # which input is ``[B, Q, M, L, P, ...]`` (it gives Q and P)
 
     def grad_shapes(self, inputs: Sequence[jax.Array], d: Dims, cdt) -> tuple:
         """Shapes ``[B, Q, ...]`` and dtypes of the gradients the grad kernel produces."""
@@ -88,6 +86,20 @@ class Source(Protocol):
     def grad_finish(self, in_refs: Sequence, refs: Sequence, st: Any, m, rows: Any, ok: jax.Array, carry: Any,
                     d: Dims, cdt) -> None:
         """Store what was reduced over the points."""
+
+
+def dims(src: Source, value: jax.Array, inputs: Sequence[jax.Array], shapes: Shapes) -> Dims:
+    """Static sizes of a call (from the local shapes under ``shard_map``)."""
+    b, _, m, dh = value.shape
+    pts = inputs[src.points_input]
+    return Dims(b=b, q=pts.shape[1], m=m, dh=dh, shapes=shapes, p=pts.shape[4])
+
+
+def _sample(src: Source, refs: Sequence, st: Any, m, rows: Any, ok: jax.Array, k, d: Dims, cdt):
+    """Point ``k``'s level, location and weight, and its four bilinear corners."""
+    lv = level_of(k, d, cdt)
+    pt = src.point(refs, st, m, rows, ok, k, lv, d, cdt)
+    return lv, pt, corners(pt.x, pt.y, lv)
 
 
 def _grid(d: Dims, block: int):
@@ -124,9 +136,7 @@ def _forward_kernel(v_ref, *refs, src: Source, d: Dims, block: int, cdt):
     cc, cok = _channels(d)
 
     def point(k, acc):
-        lv = level_of(k, d, cdt)
-        pt = src.point(in_refs, st, m, rows, qok, k, lv, d, cdt)
-        cn = corners(pt.x, pt.y, lv)
+        _, pt, cn = _sample(src, in_refs, st, m, rows, qok, k, d, cdt)
         for i in range(2):
             for j in range(2):
                 v = _gather(v_ref, b, m, cn.rows[i][j], cn.ok[i][j], cc, cok, d, cdt)
@@ -142,7 +152,7 @@ def forward(src: Source, shapes: Shapes, value: jax.Array, inputs: Sequence[jax.
     """``value [B, S, M, Dh]`` + source inputs -> ``[B, Q, M*Dh]`` in ``value.dtype``."""
 
     def call(value, *inputs):
-        d, cdt = src.dims(value, inputs, shapes), compute_dtype(value)
+        d, cdt = dims(src, value, inputs, shapes), compute_dtype(value)
         kernel = functools.partial(_forward_kernel, src=src, d=d, block=cfg.block_q, cdt=cdt)
         out = pl.pallas_call(
             kernel,
@@ -166,9 +176,7 @@ def _grad_inputs_kernel(v_ref, g_ref, *refs, src: Source, d: Dims, block: int, c
     go = load(g_ref.at[rows, pl.ds(m * d.dh, d.c)], qok[:, None] & cok, cdt)  # [block, C]
 
     def point(k, carry):
-        lv = level_of(k, d, cdt)
-        pt = src.point(in_refs, st, m, rows, qok, k, lv, d, cdt)
-        cn = corners(pt.x, pt.y, lv)
+        lv, pt, cn = _sample(src, in_refs, st, m, rows, qok, k, d, cdt)
         # dot[i][j]: <cotangent, value at corner (i, j)>, zero for corners off the map.
         dot = [[None, None], [None, None]]
         for i in range(2):
@@ -191,7 +199,7 @@ def grad_inputs(src: Source, shapes: Shapes, value: jax.Array, g: jax.Array,
     """Gradients of the source inputs (see ``src.grad_shapes``) for cotangent ``g [B, Q, M*Dh]``."""
 
     def call(value, g, *inputs):
-        d, cdt = src.dims(value, inputs, shapes), compute_dtype(value)
+        d, cdt = dims(src, value, inputs, shapes), compute_dtype(value)
         kernel = functools.partial(_grad_inputs_kernel, src=src, d=d, block=cfg.block_q_grad, cdt=cdt)
         full = src.grad_shapes(inputs, d, cdt)
         outs = pl.pallas_call(
@@ -221,9 +229,7 @@ def _grad_value_kernel(g_ref, *refs, src: Source, d: Dims, block: int, cdt, mask
         go = load(g_ref.at[row, pl.ds(m * d.dh, d.c)], ok & chan, cdt)  # [C]
 
         def point(k, carry):
-            lv = level_of(k, d, cdt)
-            pt = src.point(in_refs, st, m, row, ok, k, lv, d, cdt)
-            cn = corners(pt.x, pt.y, lv)
+            _, pt, cn = _sample(src, in_refs, st, m, row, ok, k, d, cdt)
             for i in range(2):
                 for j in range(2):
                     wgt = jnp.where(ok, cn.weight(i, j) * pt.a, 0.0)
@@ -249,7 +255,7 @@ def grad_value(src: Source, shapes: Shapes, value: jax.Array, g: jax.Array,
     """
 
     def call(value, g, *inputs):
-        d, cdt = src.dims(value, inputs, shapes), compute_dtype(value)
+        d, cdt = dims(src, value, inputs, shapes), compute_dtype(value)
         kernel = functools.partial(
             _grad_value_kernel, src=src, d=d, block=cfg.block_q_value, cdt=cdt,
             # The interpreter rejects masked atomics; on GPU the mask skips adds of zeros, which

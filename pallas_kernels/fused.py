@@ -23,11 +23,7 @@ class _Fused:
     """Source reading ``ref [B, Q, 2]``, ``offsets [B, Q, M, L, P, 2]``, ``logits [B, Q, M, L*P]``."""
 
     n_in = 3
-
-    def dims(self, value, inputs, shapes) -> Dims:
-        b, _, m, dh = value.shape
-        off = inputs[1]
-        return Dims(b=b, q=off.shape[1], m=m, dh=dh, shapes=shapes, p=off.shape[4])
+    points_input = 1
 
     def grad_shapes(self, inputs, d: Dims, cdt) -> tuple:
         _, off, lg = inputs

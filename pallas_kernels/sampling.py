@@ -16,11 +16,7 @@ class _Direct:
     """Source reading ``locations [B, Q, M, L, P, 2]`` and ``weights [B, Q, M, L, P]``."""
 
     n_in = 2
-
-    def dims(self, value, inputs, shapes) -> Dims:
-        b, _, m, dh = value.shape
-        loc = inputs[0]
-        return Dims(b=b, q=loc.shape[1], m=m, dh=dh, shapes=shapes, p=loc.shape[4])
+    points_input = 0
 
     def grad_shapes(self, inputs, d: Dims, cdt) -> tuple:
         return tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs)

@@ -28,15 +28,13 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-from benchmarks.common import machine_info
+from benchmarks.common import child_step, cli, machine_info, measured
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -101,37 +99,22 @@ def check_export(src: str, exported: str) -> dict:
     return {"checked_tensors": len(a), "bit_exact": True}
 
 
+def _load(path: str) -> dict:
+    from jax_adapter import load_pretrained
+
+    return {"type": type(load_pretrained(path)).__name__}
+
+
+STEPS = {"make": make_source, "torch_load": torch_load, "cli": cli, "load": _load, "check": check_export}
+
+
 def step(name: str, args: list) -> dict:
     """Run one operation in this process; report its wall time and this process's peak RSS."""
-    t0 = time.perf_counter()
-    extra = {}
-    if name == "make":
-        extra = make_source(*args)
-    elif name == "torch_load":
-        extra = torch_load(*args)
-    elif name == "cli":
-        from jax_adapter.cli import main
-
-        if main(args) != 0:
-            raise SystemExit(f"failed: jax-adapter {' '.join(args)}")
-    elif name == "load":
-        from jax_adapter import load_pretrained
-
-        extra = {"type": type(load_pretrained(args[0])).__name__}
-    elif name == "check":
-        extra = check_export(*args)
-    seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return {"seconds": round(seconds, 2), "peak_rss_gb": round(peak / 1e9, 2), **extra}
+    return measured(lambda: STEPS[name](*args))
 
 
 def run_step(name: str, *args: str) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.cpu.convert_dinov3", "--step", name, "--", *args]
-    load_before = os.getloadavg()[0]
-    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, cwd=ROOT).stdout
-    result = json.loads(out.strip().splitlines()[-1])
-    result["load_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-    return result
+    return child_step("benchmarks.cpu.convert_dinov3", "--step", name, "--", *args)
 
 
 def _median(runs: list, key: str) -> float:

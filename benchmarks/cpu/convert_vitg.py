@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -45,7 +44,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.common import machine_info
+from benchmarks.common import child_step, cli, machine_info, measured
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -111,42 +110,29 @@ def _check_origin(code: str) -> None:
                          f"jax_adapter/convert -> ../convert and jax_adapter/pallas_kernels -> ../pallas_kernels)")
 
 
+def _load(path: str) -> dict:
+    import jax
+    from flax import nnx
+
+    from jax_adapter import load_pretrained
+
+    model = load_pretrained(path)
+    return {"type": type(model).__name__, "parameters": int(sum(x.size for x in jax.tree.leaves(nnx.state(model))))}
+
+
+STEPS = {"make": make_source, "cli": cli, "load": _load, "check": check_export}
+
+
 def step(name: str, args: list, code: str = ROOT) -> dict:
     """Run one operation in this process; report its wall time and this process's peak RSS."""
-    t0 = time.perf_counter()
-    extra = {}
-    if name == "make":
-        extra = make_source(*args)
-    elif name == "cli":
-        from jax_adapter.cli import main
-
-        if main(args) != 0:
-            raise SystemExit(f"failed: jax-adapter {' '.join(args)}")
-    elif name == "load":
-        import jax
-        from flax import nnx
-
-        from jax_adapter import load_pretrained
-
-        model = load_pretrained(args[0])
-        extra = {"type": type(model).__name__,
-                 "parameters": int(sum(x.size for x in jax.tree.leaves(nnx.state(model))))}
-    elif name == "check":
-        extra = check_export(*args)
-    seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    result = measured(lambda: STEPS[name](*args))
     _check_origin(code)
-    return {"seconds": round(seconds, 1), "peak_rss_gb": round(peak / 1e9, 2), **extra}
+    return result
 
 
 def run_step(code: str, name: str, *args: str) -> dict:
     """``step`` in a fresh process whose ``jax_adapter`` is the checkout at ``code``."""
-    cmd = [sys.executable, "-m", "benchmarks.cpu.convert_vitg", "--step", name, "--code", code, "--", *args]
-    load_before = os.getloadavg()[0]
-    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, cwd=ROOT).stdout
-    result = json.loads(out.strip().splitlines()[-1])
-    result["load_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-    return result
+    return child_step("benchmarks.cpu.convert_vitg", "--step", name, "--code", code, "--", *args)
 
 
 # Steps that the named one reads the output of (they run first, once, when it is chosen alone).

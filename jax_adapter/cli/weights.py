@@ -6,6 +6,11 @@ from __future__ import annotations
 import json
 
 
+def _output_options(parser, dtype_help: str, overwrite_help: str) -> None:
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help=dtype_help)
+    parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
+
+
 def add_parsers(sub) -> None:
     c = sub.add_parser("convert", help="convert a DINOv2/DINOv3 trunk or adapter checkpoint (hub .pth, "
                                        "Hugging Face, detector, segmentor) into a checkpoint directory")
@@ -23,8 +28,7 @@ def add_parsers(sub) -> None:
                                     "(detected when there is only one backbone)")
     c.add_argument("--trunk-only", action="store_true",
                    help="write the trunk alone (load_pretrained then returns a DinoV2 or DinoV3)")
-    c.add_argument("--dtype", choices=("float32", "bfloat16"), help="dtype of the stored arrays")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    _output_options(c, "dtype of the stored arrays", "replace an existing destination")
     c.set_defaults(func=cmd_convert)
 
     e = sub.add_parser("export", help="write a checkpoint directory as a PyTorch state dict "
@@ -35,9 +39,7 @@ def add_parsers(sub) -> None:
                    help="export the trunk alone, in its hub's names (DINOv2 hub; DINOv3: Meta's, with "
                         "rope_embed.periods, qkv.bias_mask and mask_token)")
     e.add_argument("--dinov2-only", action="store_true", help="--trunk-only for a DINOv2 checkpoint")
-    e.add_argument("--dtype", choices=("float32", "bfloat16"), help="dtype of the written tensors "
-                                                                    "(default: as stored)")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _output_options(e, "dtype of the written tensors (default: as stored)", "replace an existing output file")
     e.set_defaults(func=cmd_export)
 
     i = sub.add_parser("inspect", help="show what a checkpoint (PyTorch or ours) holds: format, variant, "

@@ -1,6 +1,6 @@
 """Scaled dot-product attention for the trunks: ``[B, N, H, Dh]`` queries, keys and values.
 
-One function, three implementations, chosen statically from the platform, dtype and head size:
+One function, four implementations, chosen statically from the platform, dtype and head size:
 
 - ``"cudnn"``: cuDNN's fused flash attention (``jax.nn.dot_product_attention(...,
   implementation="cudnn")``), on CUDA GPUs for bfloat16/float16 with a head size cuDNN takes.
@@ -12,8 +12,18 @@ One function, three implementations, chosen statically from the platform, dtype 
   log-sum-exp rather than storing them. Measured on a 2-core CPU at ``[2, 970, 6, 64]``, float32:
   forward+backward in 0.74x-0.97x the time of PyTorch's ``scaled_dot_product_attention``, where
   ``jax.nn.dot_product_attention`` took 2x (``benchmarks/train_step.py``, section ``parts``).
-- ``"xla"``: the textbook formulation with float32 logits; GPUs without a cuDNN path use it
-  (large matmuls are what they are fast at).
+- ``"blocked"``: the GPU path where cuDNN cannot run (float32, head sizes cuDNN refuses, a
+  refusal at trace time). FlashAttention-2's algorithm written with XLA ops, all heads of the
+  batch at once: queries go in blocks whose ``[B, H, block, N]`` float32 logits stay under
+  ``BLOCK_BYTES`` (one block, no loop, when the whole logits fit), and a recomputing
+  ``custom_vjp`` saves only q, k, v, the output and the log-sum-exp, so the backward rebuilds
+  the probabilities block by block instead of keeping ``[B, H, N, N]`` logits and
+  probabilities of every layer alive until the backward (ViT-B, batch 6 at 256x704 in
+  float32: 2 x 271 MB a layer, 6.5 GB for the 12 layers of the H100 train step).
+- ``"xla"``: the textbook formulation with float32 logits, differentiated by JAX (the backward
+  keeps the logits and probabilities). ``choose_implementation`` names this family for
+  accelerators without a cuDNN path; ``choose_formulation`` then takes ``"blocked"`` on GPUs
+  and keeps ``"xla"`` elsewhere (TPU). Asked for explicitly it is always the textbook form.
 
 Logits, the softmax and its statistics are float32 in every implementation, whatever the input
 dtype; outputs and gradients come back in the input dtype.
@@ -31,7 +41,12 @@ from jax import lax
 
 from jax_adapter.errors import ConfigError, InputError
 
-IMPLEMENTATIONS = ("auto", "cudnn", "chunked", "xla")
+IMPLEMENTATIONS = ("auto", "cudnn", "blocked", "chunked", "xla")
+# Backends on which the "xla" family runs as "blocked" (jax.default_backend() names GPUs "gpu").
+GPU_PLATFORMS = ("gpu", "cuda", "rocm")
+# "blocked": the most bytes of one float32 logit block [B, H, block, N] (128 MiB). Whole-sequence
+# logits up to this size are one block (no loop); longer sequences go in equal query blocks.
+BLOCK_BYTES = 1 << 27
 # Queries per chunk of the "chunked" path. One [chunk, N] float32 logit block per step: up to
 # 1024 tokens a head is one block (4 MB, cache-sized); longer sequences go 512 queries at a time.
 WHOLE_HEAD_MAX = 1024
@@ -76,6 +91,17 @@ def choose_implementation(platform: str, dtype, head_dim: int,
     return "xla"
 
 
+def choose_formulation(platform: str, dtype, head_dim: int,
+                       compute_capability: Optional[str] = None) -> str:
+    """The whole rule behind ``implementation="auto"``: :func:`choose_implementation`, whose
+    ``"xla"`` family runs as ``"blocked"`` on GPUs (same values, a backward that does not keep
+    the ``[B, H, N, N]`` probabilities) and as ``"xla"`` elsewhere."""
+    impl = choose_implementation(platform, dtype, head_dim, compute_capability)
+    if impl == "xla" and platform in GPU_PLATFORMS:
+        return "blocked"
+    return impl
+
+
 def _device_facts() -> Tuple[str, Optional[str]]:
     dev = jax.devices()[0]
     return jax.default_backend(), getattr(dev, "compute_capability", None)
@@ -85,9 +111,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           scale: Optional[float] = None, implementation: str = "auto") -> jax.Array:
     """``softmax(q k^T * scale) v`` over all keys: ``[B, N, H, Dh] x3 -> [B, N, H, Dh]``.
 
-    ``scale`` defaults to ``Dh ** -0.5``. ``implementation``: one of ``IMPLEMENTATIONS``.
-    A forced ``"cudnn"`` that cuDNN refuses (wrong platform, dtype or shape) warns with
-    ``AttentionFallbackWarning`` and runs ``"xla"``; it never fails.
+    ``scale`` defaults to ``Dh ** -0.5``. ``implementation``: one of ``IMPLEMENTATIONS``
+    (``"auto"``: :func:`choose_formulation`). A forced ``"cudnn"`` that cuDNN refuses (wrong
+    platform, dtype or shape) warns with ``AttentionFallbackWarning`` and runs ``"blocked"`` on
+    a GPU, ``"xla"`` elsewhere; it never fails.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ConfigError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
@@ -96,14 +123,16 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if implementation == "auto":
         platform, cc = _device_facts()
-        implementation = choose_implementation(platform, q.dtype, q.shape[-1], cc)
+        implementation = choose_formulation(platform, q.dtype, q.shape[-1], cc)
     if implementation == "cudnn":
         out = _cudnn_or_none(q, k, v, scale)
         if out is not None:
             return out
-        implementation = "xla"
+        implementation = "blocked" if jax.default_backend() in GPU_PLATFORMS else "xla"
     if implementation == "chunked":
         return chunked_attention(q, k, v, scale=scale)
+    if implementation == "blocked":
+        return blocked_attention(q, k, v, scale=scale)
     return xla_attention(q, k, v, scale=scale)
 
 
@@ -116,7 +145,7 @@ def _cudnn_or_none(q, k, v, scale) -> Optional[jax.Array]:
         # jax checks cuDNN's version, the dtype and the shape while tracing and raises then.
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
     except (NotImplementedError, ValueError, RuntimeError, TypeError) as e:
-        warnings.warn(f"cuDNN attention refused {q.dtype} {q.shape}: {e}; using the XLA attention",
+        warnings.warn(f"cuDNN attention refused {q.dtype} {q.shape}: {e}; using the blocked XLA attention",
                       AttentionFallbackWarning, stacklevel=3)
         return None
 
@@ -222,3 +251,150 @@ def _chunked_bwd(scale, chunk, res, g):
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+# --------------------------------------------------------------------------- "blocked" (GPU)
+
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: Optional[float] = None,
+                      block: Optional[int] = None) -> jax.Array:
+    """The GPU path without cuDNN (see the module docstring): ``[B, N, H, Dh] x3 -> [B, N, H, Dh]``.
+
+    ``block``: queries per block; by default the fewest equal blocks whose ``[B, H, block, N]``
+    float32 logits fit in ``BLOCK_BYTES`` (the last one zero-padded). Saves q, k, v, the output
+    and the float32 log-sum-exp ``[B, H, N]`` for the backward, which recomputes each block's
+    probabilities. Logits, softmax statistics and accumulations are float32; outputs and
+    gradients come back in the input dtype.
+    """
+    b, n, h, d = q.shape
+    scale = float(d ** -0.5 if scale is None else scale)
+    if block is None:
+        block = default_block(b, h, n)
+    block = max(1, min(int(block), n))
+    return _blocked(q, k, v, scale, block)
+
+
+def default_block(b: int, h: int, n: int, block_bytes: Optional[int] = None) -> int:
+    """Queries per block: all ``n`` if ``[b, h, n, n]`` float32 logits fit in ``block_bytes``
+    (default ``BLOCK_BYTES``), else ``ceil(n / blocks)`` for the fewest blocks that fit."""
+    limit = BLOCK_BYTES if block_bytes is None else block_bytes
+    rows = max(1, limit // (4 * b * h * n))
+    if rows >= n:
+        return n
+    blocks = -(-n // rows)
+    return -(-n // blocks)
+
+
+def _query_blocks(x: jax.Array, block: int, axis: int) -> jax.Array:
+    """Split ``axis`` (length N) into ``ceil(N / block)`` blocks, zero-padded, as a new leading
+    axis: ``[..., N, ...] -> [nb, ..., block, ...]``."""
+    n = x.shape[axis]
+    nb = -(-n // block)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, nb * block - n)
+    x = jnp.pad(x, pad)
+    x = x.reshape(x.shape[:axis] + (nb, block) + x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def _merge_blocks(x: jax.Array, n: int, axis: int) -> jax.Array:
+    """Inverse of :func:`_query_blocks` (``axis`` counted without the block axis)."""
+    x = jnp.moveaxis(x, 0, axis)
+    x = x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2:])
+    return lax.slice_in_dim(x, 0, n, axis=axis)
+
+
+def _blocked_forward_block(q, k, v32, scale):
+    """``q [B, C, H, Dh]``, ``k [B, N, H, Dh]``, ``v32`` float32 -> out ``[B, C, H, Dh]`` float32,
+    lse ``[B, H, C]`` float32. The same operations as :func:`xla_attention` plus the lse."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=F32) * scale
+    m = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    e = jnp.exp(logits - m)
+    denom = jnp.sum(e, axis=-1, keepdims=True)
+    out = jnp.einsum("bhqk,bkhd->bqhd", e / denom, v32)
+    return out, (m + jnp.log(denom))[..., 0]
+
+
+def _over_blocks(fn, xs, nb):
+    """``[fn(x[i] for x in xs) for i in range(nb)]`` stacked on a leading axis, for a tuple of
+    outputs. A ``fori_loop`` whose stacked buffers start as copies of block 0's results rather
+    than zeros: XLA hoists and horizontally fuses constant-zero buffers of every layer into one
+    early kernel, which would keep all of them alive from the forward on."""
+    first = fn(*(x[0] for x in xs))
+    acc = tuple(jnp.broadcast_to(r[None], (nb,) + r.shape) for r in first)
+
+    def body(i, acc):
+        res = fn(*(lax.dynamic_index_in_dim(x, i, 0, keepdims=False) for x in xs))
+        return tuple(lax.dynamic_update_index_in_dim(a, r, i, 0) for a, r in zip(acc, res))
+
+    return lax.fori_loop(1, nb, body, acc)
+
+
+def _blocked_forward(q, k, v, scale, block):
+    n = q.shape[1]
+    v32 = v.astype(F32)
+    if block >= n:
+        out, lse = _blocked_forward_block(q, k, v32, scale)
+    else:
+        qb = _query_blocks(q, block, 1)
+        out, lse = _over_blocks(lambda qi: _blocked_forward_block(qi, k, v32, scale), (qb,), qb.shape[0])
+        out, lse = _merge_blocks(out, n, 1), _merge_blocks(lse, n, 2)
+    return out.astype(q.dtype), lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _blocked(q, k, v, scale, block):
+    if block >= q.shape[1]:
+        # Undifferentiated and one block: exactly the textbook formulation.
+        return xla_attention(q, k, v, scale=scale)
+    return _blocked_forward(q, k, v, scale, block)[0]
+
+
+def _blocked_fwd(q, k, v, scale, block):
+    out, lse = _blocked_forward(q, k, v, scale, block)
+    return out, (q, k, v, out, lse)
+
+
+def _blocked_bwd(scale, block, res, g):
+    # The barrier ties the residuals to the cotangent: the recomputed logits are new values that
+    # XLA can neither CSE with the forward's (which would keep those alive until here, as
+    # jax.checkpoint's prevent_cse guards against) nor compute before this layer's backward.
+    (q, k, v, out, lse), g = lax.optimization_barrier((res, g))
+    n = q.shape[1]
+    # sum_j p_ij dp_ij = sum_d g_id out_id: the softmax backward's row term, [B, H, N].
+    delta = jnp.einsum("bqhd,bqhd->bhq", g.astype(F32), out.astype(F32))
+    k32, v32 = k.astype(F32), v.astype(F32)
+
+    def grads(qb, gb, lb, db):
+        """One query block: dq of the block, its dk and dv contributions (float32)."""
+        s = jnp.einsum("bqhd,bkhd->bhqk", qb, k, preferred_element_type=F32) * scale
+        p = jnp.exp(s - lb[..., None])
+        g32 = gb.astype(F32)
+        dv = jnp.einsum("bhqk,bqhd->bkhd", p, g32)
+        dp = jnp.einsum("bqhd,bkhd->bhqk", g32, v32)
+        ds = p * (dp - db[..., None]) * scale
+        dk = jnp.einsum("bhqk,bqhd->bkhd", ds, qb.astype(F32))
+        dq = jnp.einsum("bhqk,bkhd->bqhd", ds, k32)
+        return dq, dk, dv
+
+    if block >= n:
+        dq, dk, dv = grads(q, g, lse, delta)
+    else:
+        xs = (_query_blocks(q, block, 1), _query_blocks(g, block, 1),
+              _query_blocks(lse, block, 2), _query_blocks(delta, block, 2))
+        nb = xs[0].shape[0]
+        # dq of each block goes to its own slot; dk and dv sum over blocks. The sums start from
+        # block 0's terms, not from zeros (see _over_blocks).
+        dq0, dk, dv = grads(*(x[0] for x in xs))
+        acc = (jnp.broadcast_to(dq0[None], (nb,) + dq0.shape), dk, dv)
+
+        def body(i, acc):
+            dq_all, dk, dv = acc
+            dq_i, dk_i, dv_i = grads(*(lax.dynamic_index_in_dim(x, i, 0, keepdims=False) for x in xs))
+            return lax.dynamic_update_index_in_dim(dq_all, dq_i, i, 0), dk + dk_i, dv + dv_i
+
+        dq, dk, dv = lax.fori_loop(1, nb, body, acc)
+        dq = _merge_blocks(dq, n, 1)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)

@@ -30,9 +30,29 @@ def compute_dtype(dtype: Optional[DType]):
     return None if d is None or d == jnp.float32 else d
 
 
+@jax.custom_jvp
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, PyTorch's default; ``jax.nn.gelu`` defaults to the tanh form."""
+    """Exact (erf) GELU, PyTorch's default; ``jax.nn.gelu`` defaults to the tanh form.
+
+    The values are ``jax.nn.gelu(x, approximate=False)``'s. The derivative is given in closed
+    form, ``Phi(x) + x phi(x)``, evaluated in float32 at least and stored in ``x.dtype``: a
+    training step keeps that one array for the backward, where differentiating the formula
+    keeps two (XLA:GPU keeps ``x`` and ``erfc(-x / sqrt 2)``; ViT-B at 256x704, batch 6,
+    float32: 72 MB more a trunk block).
+    """
     return jax.nn.gelu(x, approximate=False)
+
+
+@gelu.defjvp
+def _gelu_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    # d/dx [x/2 erfc(-x/sqrt2)] = erfc(-x/sqrt2)/2 + x exp(-x^2/2)/sqrt(2 pi)
+    slope = 0.5 * jax.lax.erfc(-xf * (0.5 ** 0.5)) + xf * jnp.exp(-0.5 * xf * xf) * ((2 * jnp.pi) ** -0.5)
+    # The barrier makes the slope one materialised array: without it XLA fuses the slope's
+    # arithmetic into the backward and keeps x and erfc(x) for it instead (two arrays).
+    slope = jax.lax.optimization_barrier(slope.astype(x.dtype))
+    return gelu(x), t * slope
 
 
 def layer_norm(

@@ -27,7 +27,8 @@ class Attention(nnx.Module):
     optional RoPE table ``rope = (sin, cos)`` ``[HW, Dh]`` that rotates q and k of the last ``HW``
     tokens (the leading prefix tokens get no position).
     ``implementation``: the attention core (``jax_adapter.nn.attention``); ``"auto"`` picks cuDNN
-    on GPU for bfloat16/float16 and the chunked core on CPU.
+    on GPU for bfloat16/float16, the blocked recomputing core on GPU otherwise, the chunked core
+    on CPU and the textbook form on TPU.
     """
 
     def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype: DType = None,

@@ -5,8 +5,9 @@ The ```bash and ```python blocks are run top to bottom in one scratch directory 
 variables); other fences (plain ```, ```text) are not code to run. A block is run on small
 substitutes so that the whole README takes a few minutes on 2 CPU cores:
 
-* everywhere: the preset ``dinov2_vitb14`` becomes ``tiny`` and the size 256x704 becomes 56x84
-  (written ``256x704``, ``256, 704`` or ``h=256, w=704``; :data:`GLOBAL_SUBSTITUTIONS`);
+* everywhere: the architectures ``dinov2_vitb14[_adapter]`` become ``dinov2_tiny[_adapter]`` and
+  the size 256x704 becomes 56x84 (written ``256x704``, ``256, 704`` or ``h=256, w=704``;
+  :data:`GLOBAL_SUBSTITUTIONS`);
 * per block, an HTML comment on the line before the fence (blank lines between are allowed)::
 
       <!-- readme-test: substitute OLD -> NEW | OLD -> NEW -- optional comment -->
@@ -37,12 +38,15 @@ import time
 from typing import List, Optional, Tuple
 
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 FIXTURES = ROOT / "tests" / "fixtures"
 RUN_LANGS = ("bash", "python")
 GLOBAL_SUBSTITUTIONS: Tuple[Tuple[str, str], ...] = (
-    (r"\bdinov2_vitb14\b", "tiny"),   # not dinov2_vitb14_reg4_pretrain.pth: "_" is a word character
+    (r"\bdinov2_vitb14_adapter\b", "dinov2_tiny_adapter"),
+    # The trunk (or its adapter, where an adapter is asked for); not dinov2_vitb14_reg4_pretrain.pth
+    # ("_" is a word character) nor the weights dinov2_vitb14.lvd142m.
+    (r"\bdinov2_vitb14\b(?!\.)", "dinov2_tiny"),
     (r"\b256x704\b", "56x84"),
     (r"\b256, 704\b", "56, 84"),
     (r"\bh=256, w=704\b", "h=56, w=84"),
@@ -206,9 +210,14 @@ def test_ci_runs_the_readme_install_and_test_commands():
     readme = commands(blocks[0].code)
     ci = commands((ROOT / ".ci" / "run").read_text())
     assert readme == ci, f"README {readme} != .ci/run {ci}"
-    # From the default index a torch pin resolves the CUDA build: the README names the CPU index.
-    torch_line = next(c for c in readme if any(w.startswith("torch") for w in c))
-    assert "--index-url" in torch_line and "https://download.pytorch.org/whl/cpu" in torch_line
+    # From the default index alone the torch pin resolves the CUDA build: the install line names
+    # the CPU index, and the test extra pins the CPU build's version.
+    install = next(c for c in readme if c[:2] == ["pip", "install"])
+    assert "--extra-index-url" in install and "https://download.pytorch.org/whl/cpu" in install
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(r.replace(" ", "").startswith("torch==") for r in extras["test"]), extras["test"]
 
 
 def test_readme_blocks_run_in_order(tmp_path):
@@ -248,7 +257,7 @@ def test_readme_blocks_run_in_order(tmp_path):
     assert namespace["out"].patches.shape == (1, 8, 96)
     assert namespace["trained"].backbone.cfg.embed_dim == 96
     trained = jax_adapter.load_pretrained(str(work / "adapter_trained"))
-    assert type(trained).__name__ == "DinoAdapter"
+    assert type(trained).__name__ == "DinoV2Adapter"
     records = json.loads((work / "runs" / "smoke" / "run.json").read_text())
     assert records["optimizer"]["total_steps"] == 8  # the extended run's stretched schedule
     assert (work / "adapter_trained.pth").is_file() and (work / "trunk.safetensors").is_file()

@@ -16,7 +16,7 @@ import pytest
 
 from jax_adapter.training import Checkpoints
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Small and quick: tiny preset, 8 samples of 56x84 (one per device on 8 devices), drop path on
 # so that the random streams are exercised by resume and by sharding.
 COMMON = ["--preset", "tiny", "--batch", "8", "--image-size", "56x84", "--steps", "5",

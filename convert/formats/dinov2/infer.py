@@ -18,7 +18,7 @@ from jax_adapter.models.dinov2 import DinoV2AdapterConfig, DinoV2Config
 from jax_adapter.models.dinov2.config import ffn_hidden
 from jax_adapter.models.dinov2.presets import TRUNK_KIND, VARIANTS, even_interactions
 
-from ...resolve import Inferred, Shapes, count_indexed, infer_adapter, same
+from ...resolve import Inferred, Shapes, count_indexed, hf_patch_size, infer_adapter, same
 
 TRUNK_FIELDS = tuple(f.name for f in dataclasses.fields(DinoV2Config))
 ADAPTER_FIELDS = tuple(f.name for f in dataclasses.fields(DinoV2AdapterConfig))
@@ -53,13 +53,7 @@ def hf_fields(cfg: Mapping[str, Any]) -> Dict[str, Any]:
         problems.append(f"hidden_act {cfg['hidden_act']!r} (this port uses exact GELU, 'gelu')")
     if not cfg.get("qkv_bias", True):
         problems.append("qkv_bias false")
-    if cfg.get("num_channels", 3) != 3:
-        problems.append(f"num_channels {cfg['num_channels']}")
-    patch = cfg.get("patch_size", 14)
-    if isinstance(patch, (list, tuple)):
-        if len(set(patch)) != 1:
-            problems.append(f"non-square patch_size {patch}")
-        patch = patch[0]
+    patch = hf_patch_size(cfg, 14, problems)
     if problems:
         raise ConversionError("unsupported Hugging Face config: " + ", ".join(problems))
     image = cfg.get("image_size", 518)

@@ -18,7 +18,7 @@ from jax_adapter.models.dinov3 import DinoV3AdapterConfig, DinoV3Config, default
 from jax_adapter.models.dinov3.config import FFN_LAYERS, ffn_hidden
 from jax_adapter.models.dinov3.presets import ADAPTER_KIND, HUB_VARIANTS, TRUNK_KIND, hub_config
 
-from ...resolve import Inferred, Shapes, count_indexed, infer_adapter, same
+from ...resolve import Inferred, Shapes, count_indexed, hf_patch_size, infer_adapter, same
 from .keys import BACKBONE, BIAS_MASK, PERIODS, is_hf
 
 TRUNK_FIELDS = tuple(f.name for f in dataclasses.fields(DinoV3Config))
@@ -114,18 +114,12 @@ def hf_fields(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     norms = {1e-5: "layernormbf16", 1e-6: "layernorm"}
     if eps not in norms:
         problems.append(f"layer_norm_eps {eps}")
-    if cfg.get("num_channels", 3) != 3:
-        problems.append(f"num_channels {cfg['num_channels']}")
     for flag in ("proj_bias", "mlp_bias"):
         if not cfg.get(flag, True):
             problems.append(f"{flag} false")
     if bool(cfg.get("query_bias", True)) != bool(cfg.get("value_bias", True)):
         problems.append("query_bias and value_bias differ")
-    patch = cfg.get("patch_size", 16)
-    if isinstance(patch, (list, tuple)):
-        if len(set(patch)) != 1:
-            problems.append(f"non-square patch_size {patch}")
-        patch = patch[0]
+    patch = hf_patch_size(cfg, 16, problems)
     if problems:
         raise ConversionError("unsupported Hugging Face DINOv3 config: " + ", ".join(problems))
     qkv_bias = bool(cfg.get("query_bias", True)) or bool(cfg.get("key_bias", False))
