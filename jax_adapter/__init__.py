@@ -11,9 +11,12 @@ and ``pallas_kernels`` (the sampling core's kernels) sit beside them. ``hub`` re
 cached downloads, ``pretrained`` (behind :func:`create_model` and :func:`load_pretrained`)
 converts and caches them, ``checkpoint`` is the on-disk format, ``preprocessing`` (behind
 :func:`preprocess`) turns images into model input, and ``viz`` draws the PCA of feature maps.
+``compilation`` holds the target every dispatch decision reads (:func:`target`), and ``plan``
+compiles for GPUs and TPUs this machine does not have.
 """
 
 from jax_adapter import registry
+from jax_adapter.compilation import Target, target
 from jax_adapter.errors import JaxAdapterError
 from jax_adapter.models.base import AdapterOutput, TrunkOutput
 from jax_adapter.models.dinov2 import (AdapterConfig, DinoAdapter, DinoV2, DinoV2Adapter, DinoV2AdapterConfig,
@@ -31,7 +34,7 @@ ops = msda  # the sampling core's earlier public name
 __all__ = [
     "AdapterConfig", "AdapterGeometry", "AdapterOutput", "DinoAdapter", "DinoV2", "DinoV2Adapter",
     "DinoV2AdapterConfig", "DinoV2Config", "DinoV2Output", "DinoV3", "DinoV3Adapter", "DinoV3AdapterConfig",
-    "DinoV3Config", "JaxAdapterError", "PRESETS", "TrunkOutput", "compute_geometry", "create_model",
+    "DinoV3Config", "JaxAdapterError", "PRESETS", "Target", "TrunkOutput", "compute_geometry", "create_model",
     "list_models", "list_pretrained", "load_checkpoint", "load_pretrained", "msda", "ops", "preprocess",
-    "registry", "save_pretrained",
+    "registry", "save_pretrained", "target",
 ]

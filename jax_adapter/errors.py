@@ -35,3 +35,7 @@ class FetchError(JaxAdapterError):
 
 class TrainingError(JaxAdapterError):
     """A training run that cannot go on (a non-finite loss)."""
+
+
+class DependencyError(JaxAdapterError):
+    """An optional package a feature needs is not installed (the message names the extra)."""

@@ -33,13 +33,23 @@ Size = Union[int, Tuple[int, int], None]
 
 def stats_for(source: Optional[str]) -> str:
     """The statistics name (a key of :data:`STATS`) of the weights ``source`` names or points
-    at (registered weights, or a URL or file of registered weights: their entry says; see
-    :func:`jax_adapter.registry.find_weights`); ``"imagenet"`` for anything else."""
-    w = registry.find_weights(source) if source else None
-    if w is not None:
-        for name, (mean, std) in STATS.items():
-            if tuple(mean) == tuple(w.mean) and tuple(std) == tuple(w.std):
-                return name
+    at: registered weights, or a URL or file of registered weights (their entry says; see
+    :func:`jax_adapter.registry.find_weights`), or a file whose name carries a registered
+    weights' pretraining tag (``..._sat493m...`` for DINOv3's satellite weights, however the
+    file was renamed or converted); ``"imagenet"`` for anything else."""
+    if not source:
+        return "imagenet"
+    w = registry.find_weights(source)
+    candidates = [w] if w is not None else []
+    base = os.path.basename(str(source).rstrip("/")).lower()
+    for name in registry.list_pretrained():
+        tag = name.partition(".")[2]
+        if tag and tag in base:
+            candidates.append(registry.weights(name))
+    for w in candidates:
+        for stats, (mean, std) in STATS.items():
+            if stats != "imagenet" and tuple(mean) == tuple(w.mean) and tuple(std) == tuple(w.std):
+                return stats
     return "imagenet"
 
 

@@ -240,6 +240,22 @@ def list_pretrained(pattern: str = "*", *, include_gated: bool = True) -> List[s
             if _match(w.name, pattern) and (include_gated or w.url is not None)]
 
 
+def in_role(name: str, role: str) -> str:
+    """The architecture of ``role`` that ``name`` means: ``name`` itself, a trunk's adapter
+    (``"dinov2_vitb14"`` as an adapter is ``"dinov2_vitb14_adapter"``) or an adapter's trunk;
+    ``ConfigError`` when there is none."""
+    arch = architecture(name)
+    k = _KINDS[arch.kind]
+    if k.role == role:
+        return arch.name
+    other = arch.name + "_adapter" if role == "adapter" else arch.trunk
+    if other is None or not is_architecture(other):
+        example = list_models(role=role)
+        raise ConfigError(f"{name!r} is a {k.role} with no {role}: give a {role}"
+                          + (f" (e.g. {example[0]})" if example else ""))
+    return architecture(other).name
+
+
 def config_of(name: str, config_class: Optional[type] = None) -> Any:
     """The config of architecture ``name``, which must be a ``config_class`` when given.
 

@@ -34,7 +34,9 @@ Shapes = Tuple[Tuple[int, int], ...]
 
 
 def resolve_interpret(interpret: bool | None) -> bool:
-    """``None`` -> interpret everywhere but on GPU (Pallas kernels only compile for GPU here)."""
+    """``None`` -> interpret unless JAX's default backend is a GPU (these kernels compile for
+    GPUs only). Callers that compile for another target pass it explicitly (jax_adapter's
+    dispatch does, from its compilation target)."""
     if interpret is None:
         return jax.default_backend() != "gpu"
     return bool(interpret)

@@ -1,9 +1,9 @@
 """Deviceless TPU compile report of the deformable-attention sampling core (forward + backward).
 
-    # with a Python that has libtpu (no TPU needed), from the repository root:
-    python benchmarks/tpu_core.py                          # v5e:1x1, prints a table
-    python benchmarks/tpu_core.py --topology v6e:1x1 --out results.json
-    python benchmarks/tpu_core.py --impls pallas --shapes injector --fused
+    # with the plan-tpu extra (libtpu; no TPU needed), from the repository root:
+    python -m benchmarks.tpu.core                          # v5e:1x1, prints a table
+    python -m benchmarks.tpu.core --topology v6e:1x1 --out benchmarks/results/tpu_core-v6e.json
+    python -m benchmarks.tpu.core --impls pallas --shapes injector --fused
 
 Compiles ``jax.vjp`` of the sampling core (output and all gradients in one program) for a TPU
 topology with compile-only devices, at the ViT-S adapter seed shapes (6 cameras at 256x704,
@@ -48,12 +48,9 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Tuple
 
-# Compile-only TPU devices in a CPU process (see /work/shared/tools/aot/README.md): the CPU
-# platform for everything that runs, no GCE metadata query, and libtpu may be loaded by other
-# processes at the same time.
+# Compile-only TPU devices in a CPU process (jax_adapter.plan.targets sets libtpu's host
+# variables): the CPU platform for everything that runs.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # --llo: libtpu must be told where to dump the Mosaic kernels before it is loaded.
 LLO_DIR = None
 if "--llo" in sys.argv:
@@ -62,8 +59,6 @@ if "--llo" in sys.argv:
     LLO_DIR = tempfile.mkdtemp(prefix="mosaic-dump-")
     os.environ["LIBTPU_INIT_ARGS"] = (os.environ.get("LIBTPU_INIT_ARGS", "")
                                       + f" --xla_mosaic_dump_to={LLO_DIR}").strip()
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -82,16 +77,13 @@ PEAKS = {"v5e": (197e12, 819e9), "v6e": (918e12, 1640e9)}
 
 def tpu_device(topology: str):
     """The first compile-only device of a topology such as ``v5e:1x1`` (needs libtpu)."""
-    from jax.experimental import topologies
+    from jax_adapter.plan import targets
 
-    gen, _, dims = topology.partition(":")
-    dims_t = tuple(int(d) for d in dims.split("x"))
-    per_host = tuple(([min(d, 2) for d in dims_t] + [1] * 3)[:2]) + (1,)
-    topo = topologies.get_topology_desc(
-        platform="tpu", topology_name=topology,
-        chip_config_name="megacore" if gen in ("v4", "v5") else "default",
-        chips_per_host_bounds=per_host, num_slices=1, wrap=(False, False, False))
-    return topo.devices[0]
+    gen, _, chips = topology.partition(":")
+    spec = next((t for t in targets.TARGETS.values() if t.platform == "tpu" and t.device.topology == gen), None)
+    if spec is None:
+        raise SystemExit(f"unknown TPU generation {gen!r} in {topology!r}")
+    return targets.devices(spec, chips or None)[0]
 
 
 def core_fn(impl: str, shapes: Levels, fused: bool, chunk: int | None = None) -> Callable:

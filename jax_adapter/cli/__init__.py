@@ -1,6 +1,6 @@
 """The jax-adapter command line: convert, export, inspect, demo, show, train and plan.
 
-Each command is a thin module of its own (``weights``, ``demo``, ``train``). Bad input (the
+Each command is a thin module of its own (``weights``, ``demo``, ``train``, ``plan``). Bad input (the
 library's own errors, :class:`~jax_adapter.errors.JaxAdapterError`, and ``OSError`` for files)
 prints one line on stderr and exits with code 2; any other exception is a bug and keeps its
 traceback.
@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from jax_adapter.cli import demo, train, weights
+from jax_adapter.cli import demo, plan, train, weights
 from jax_adapter.cli.common import CliError  # noqa: F401 - the commands' error type
 from jax_adapter.errors import JaxAdapterError
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_parsers(sub)
     demo.add_parsers(sub)
     train.add_parser(sub)
+    plan.add_parser(sub)
     return p
 
 

@@ -34,13 +34,8 @@ def model_config(preset: Optional[str] = None, config: Optional[str] = None, *, 
         cfg = load_config_file(config)
     elif name is None:
         raise CliError("the model config is needed: pass --config CONFIG.json or --preset NAME")
-    elif registry.is_architecture(name) and registry.kind(registry.architecture(name).kind).role != role:
-        arch = registry.architecture(name)
-        other = arch.name + "_adapter" if role == "adapter" else arch.trunk
-        if other is None or not registry.is_architecture(other):
-            raise CliError(f"--preset {name!r} is a {registry.kind(arch.kind).role}: this command needs "
-                           f"a {role} (e.g. {registry.list_models(role=role)[0]})")
-        cfg = registry.config_of(other)
+    elif registry.is_architecture(name):
+        cfg = registry.config_of(registry.in_role(name, role))
     else:
         cfg = config_for(name)
     kind = registry.kind_of_config(cfg)

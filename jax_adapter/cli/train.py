@@ -83,21 +83,6 @@ def _setup_devices(args) -> None:
         jax.config.update("jax_num_cpu_devices", args.devices)
 
 
-def model_changes(cfg, *, remat: bool, bf16: bool, drop_path=None):
-    """The config with ``--remat``, ``--bf16`` and ``--drop-path`` applied (bf16 reaches a frozen
-    DINOv3 trunk too, as upstream's autocast does)."""
-    changes = {}
-    if remat:
-        changes["with_cp"] = True
-    if bf16:
-        changes["dtype"] = "bfloat16"
-        if getattr(cfg, "frozen_trunk", False):
-            changes["trunk_dtype"] = "bfloat16"
-    if drop_path is not None:
-        changes["drop_path_rate"] = drop_path
-    return cfg.replace(**changes)
-
-
 def cmd_train(args) -> int:
     h, w = parse_size(args.image_size, "--image-size")
     _setup_devices(args)
@@ -117,7 +102,8 @@ def cmd_train(args) -> int:
     if args.batch % n:
         raise CliError(f"--batch {args.batch} is not divisible by the {n} devices")
 
-    cfg = model_changes(model_config(args.preset), remat=args.remat, bf16=args.bf16, drop_path=args.drop_path)
+    cfg = training.recipe_config(model_config(args.preset), remat=args.remat, bf16=args.bf16,
+                                 drop_path=args.drop_path)
     train_cfg = training.TrainConfig(
         steps=args.steps, batch=args.batch, seed=args.seed, freeze_trunk=args.freeze_trunk,
         optimizer=training.OptimizerConfig(learning_rate=args.lr, weight_decay=args.weight_decay,

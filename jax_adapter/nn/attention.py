@@ -39,10 +39,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jax_adapter import compilation
 from jax_adapter.errors import ConfigError, InputError
 
 IMPLEMENTATIONS = ("auto", "cudnn", "blocked", "chunked", "xla")
-# Backends on which the "xla" family runs as "blocked" (jax.default_backend() names GPUs "gpu").
+# Platform names on which the "xla" family runs as "blocked".
 GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 # "blocked": the most bytes of one float32 logit block [B, H, block, N] (128 MiB). Whole-sequence
 # logits up to this size are one block (no loop); longer sequences go in equal query blocks.
@@ -60,7 +61,8 @@ class AttentionFallbackWarning(UserWarning):
 
 
 def cudnn_head_dim_ok(head_dim: int, compute_capability: Optional[str]) -> bool:
-    """cuDNN flash attention's head-size rule: a multiple of 8, at most 128 (256 from sm_90)."""
+    """cuDNN flash attention's head-size rule: a multiple of 8, at most 128 (256 from sm_90).
+    An unknown compute capability is taken as sm_80's rule."""
     limit = 256 if _at_least(compute_capability, (9, 0)) else 128
     return head_dim % 8 == 0 and head_dim <= limit
 
@@ -79,13 +81,15 @@ def choose_implementation(platform: str, dtype, head_dim: int,
                           compute_capability: Optional[str] = None) -> str:
     """The dispatch rule behind ``implementation="auto"``.
 
-    ``platform``: ``jax.default_backend()`` (``"cpu"``, ``"gpu"``, ``"cuda"``, ``"tpu"``...).
-    cuDNN for bfloat16/float16 on a CUDA GPU when the head size fits; otherwise ``"xla"`` on
+    ``platform``: the compilation target's (``"cpu"``, ``"gpu"``, ``"tpu"``). cuDNN for
+    bfloat16/float16 on a CUDA GPU from sm_80 (cuDNN's flash attention needs Ampere or newer;
+    an unknown capability counts as new enough) when the head size fits; otherwise ``"xla"`` on
     accelerators and ``"chunked"`` on CPU.
     """
     if platform == "cpu":
         return "chunked"
     if (platform in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+            and (compute_capability is None or _at_least(compute_capability, (8, 0)))
             and cudnn_head_dim_ok(head_dim, compute_capability)):
         return "cudnn"
     return "xla"
@@ -102,33 +106,32 @@ def choose_formulation(platform: str, dtype, head_dim: int,
     return impl
 
 
-def _device_facts() -> Tuple[str, Optional[str]]:
-    dev = jax.devices()[0]
-    return jax.default_backend(), getattr(dev, "compute_capability", None)
-
-
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           scale: Optional[float] = None, implementation: str = "auto") -> jax.Array:
     """``softmax(q k^T * scale) v`` over all keys: ``[B, N, H, Dh] x3 -> [B, N, H, Dh]``.
 
     ``scale`` defaults to ``Dh ** -0.5``. ``implementation``: one of ``IMPLEMENTATIONS``
-    (``"auto"``: :func:`choose_formulation`). A forced ``"cudnn"`` that cuDNN refuses (wrong
-    platform, dtype or shape) warns with ``AttentionFallbackWarning`` and runs ``"blocked"`` on
-    a GPU, ``"xla"`` elsewhere; it never fails.
+    (``"auto"``: :func:`choose_formulation` for the compilation target, see
+    :func:`jax_adapter.target`; the choice is recorded under ``"attention"``). A ``"cudnn"``
+    that cuDNN refuses (wrong platform, dtype or shape, or no cuDNN installed) warns with
+    ``AttentionFallbackWarning`` and runs ``"blocked"`` on a GPU, ``"xla"`` elsewhere; it never
+    fails.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ConfigError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise InputError(f"q, k and v must share one [B, N, H, Dh] shape, got {q.shape}, {k.shape}, {v.shape}")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    t = compilation.current()
     if implementation == "auto":
-        platform, cc = _device_facts()
-        implementation = choose_formulation(platform, q.dtype, q.shape[-1], cc)
+        implementation = choose_formulation(t.platform, q.dtype, q.shape[-1], t.compute_capability)
     if implementation == "cudnn":
-        out = _cudnn_or_none(q, k, v, scale)
+        out = _cudnn_or_none(q, k, v, scale, t.platform)
         if out is not None:
+            compilation.record("attention", "cudnn")
             return out
-        implementation = "blocked" if jax.default_backend() in GPU_PLATFORMS else "xla"
+        implementation = "blocked" if t.platform in GPU_PLATFORMS else "xla"
+    compilation.record("attention", implementation)
     if implementation == "chunked":
         return chunked_attention(q, k, v, scale=scale)
     if implementation == "blocked":
@@ -136,9 +139,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     return xla_attention(q, k, v, scale=scale)
 
 
-def _cudnn_or_none(q, k, v, scale) -> Optional[jax.Array]:
-    if jax.default_backend() not in ("gpu", "cuda"):
-        warnings.warn(f"cuDNN attention needs a CUDA GPU (backend here: {jax.default_backend()}); "
+def _cudnn_or_none(q, k, v, scale, platform: str) -> Optional[jax.Array]:
+    if platform not in ("gpu", "cuda"):
+        warnings.warn(f"cuDNN attention needs a CUDA GPU (compiling for: {platform}); "
                       "using the XLA attention", AttentionFallbackWarning, stacklevel=3)
         return None
     try:

@@ -10,8 +10,8 @@ batch 2:
   backward made it 108 ms, here 29 ms: the backward routes each cotangent to the first maximal
   tap of its window (PyTorch's choice) with nine strided pads.
 
-``use_cpu_formulations()`` says whether the models take these paths (on CPU only: on GPU,
-cuDNN's convolutions are the fast path).
+``use_cpu_formulations()`` says whether the models take these paths (when compiling for a CPU:
+on GPUs cuDNN's convolutions are the fast path, on TPUs XLA's).
 """
 
 from __future__ import annotations
@@ -22,9 +22,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jax_adapter import compilation
+
 
 def use_cpu_formulations() -> bool:
-    return jax.default_backend() == "cpu"
+    """Whether the current compilation target is a CPU (recorded under ``"conv_pool"``)."""
+    cpu = compilation.current().platform == "cpu"
+    compilation.record("conv_pool", "cpu_formulations" if cpu else "xla")
+    return cpu
 
 
 def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:

@@ -8,18 +8,31 @@ weights the samples by ``attention_weights`` and sums over levels and points.
 (reference points, raw offsets, raw logits), so that a kernel can form the locations and the
 softmax on the fly.
 
-Implementations: ``"xla"`` (:mod:`jax_adapter.nn.msda_xla`, everywhere; a GPU formulation is
-picked by backend) and ``"pallas"`` (:mod:`jax_adapter.pallas_kernels`, GPU; interpret mode on
-CPU). ``"auto"`` reads the environment variable ``JAX_ADAPTER_MSDA_IMPL`` and otherwise picks
-Pallas on GPU, XLA elsewhere.
+Implementations (``impl``):
 
-Safe dispatch: ``"auto"`` must never turn a working model into a crash, yet the Pallas kernels
-are compiled by XLA's Triton pipeline only when the enclosing program is compiled, long after
+- ``"xla"`` (:mod:`jax_adapter.nn.msda_xla`): gathers and a scatter-add, everywhere; its GPU or
+  CPU formulation follows the compilation target.
+- ``"dense"`` (:mod:`jax_adapter.nn.msda_dense`): gather-free, the bilinear sampling as one-hot
+  matrix products (for accelerators where gathers are slow and no kernel runs).
+- ``"pallas"``: the target's Pallas kernels (:mod:`jax_adapter.pallas_kernels`): on a GPU the Triton
+  kernels, on a TPU the Mosaic kernels of :mod:`jax_adapter.pallas_kernels.tpu`, on a CPU the Triton
+  kernels in the Pallas interpreter (slow: for tests).
+- ``"auto"``: the environment variable ``JAX_ADAPTER_MSDA_IMPL`` if set, else Pallas on GPUs and
+  TPUs and XLA on CPUs.
+
+Every choice reads the compilation target (:func:`jax_adapter.target`), not the backend JAX
+happens to run on, so a program compiled ahead of time for a TPU takes the TPU's kernels. What
+each call chose is recorded in the target's ``decisions`` under ``"msda"``.
+
+Safe dispatch: ``"auto"`` must never turn a working model into a crash, yet Pallas kernels are
+compiled (by XLA's Triton pipeline, or Mosaic) only when the enclosing program is, long after
 this dispatch ran. So before ``"auto"`` picks Pallas for a call signature (entry point, spatial
-shapes, per-batch-item shapes, dtypes), it compiles the kernels of that signature (forward and
-backward, batch of one) on the device once; if that fails it warns once
-(:class:`PallasFallbackWarning`) and uses XLA. ``"pallas"`` asked for explicitly (argument or
-environment) skips the check, so its errors surface.
+shapes, per-batch-item shapes, dtypes, target), it compiles the kernels of that signature
+(forward and backward, batch of one) on the target's device once; if that fails it warns once
+(:class:`PallasFallbackWarning`) and uses XLA. When compiling ahead of time for devices this
+process does not have, nothing can be checked: the kernels are used, and their compilation is
+part of the program's. ``"pallas"`` asked for explicitly (argument or environment) skips the
+check, so its errors surface.
 """
 
 from __future__ import annotations
@@ -30,13 +43,14 @@ import warnings
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
-from jax.sharding import PartitionSpec
+from jax.sharding import PartitionSpec, SingleDeviceSharding
 
-from jax_adapter.nn.msda_xla import ms_deform_attn_xla
+from jax_adapter import compilation
 from jax_adapter.errors import ConfigError, InputError
+from jax_adapter.nn.msda_dense import ms_deform_attn_dense, ms_deform_attn_dense_fused
+from jax_adapter.nn.msda_xla import ms_deform_attn_xla, sampling_inputs
 
-IMPLS = ("auto", "xla", "pallas")
+IMPLS = ("auto", "xla", "dense", "pallas")
 IMPL_ENV = "JAX_ADAPTER_MSDA_IMPL"
 
 Shapes = Tuple[Tuple[int, int], ...]
@@ -67,14 +81,9 @@ def _check_value(value, shapes: Shapes, b_q: Tuple[int, ...], what: str):
         )
 
 
-def _backend() -> str:
-    """The default backend (a seam for tests that simulate a GPU)."""
-    return jax.default_backend()
-
-
-def _resolve(impl: str) -> Tuple[str, bool]:
-    """``(choice, explicit)``: the implementation to use and whether it was asked for by name
-    (argument or environment) rather than picked by ``"auto"``."""
+def _resolve(impl: str, platform: str) -> Tuple[str, bool]:
+    """``(choice, explicit)``: the implementation for ``platform`` and whether it was asked for
+    by name (argument or environment) rather than picked by ``"auto"``."""
     if impl not in IMPLS:
         raise ConfigError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
@@ -82,14 +91,35 @@ def _resolve(impl: str) -> Tuple[str, bool]:
         if impl not in IMPLS:
             raise ConfigError(f"environment variable {IMPL_ENV} must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return ("pallas" if _backend() == "gpu" else "xla"), False
+        return ("pallas" if platform in ("gpu", "tpu") else "xla"), False
     return impl, True
 
 
-def resolve_impl(impl: str) -> str:
-    """``"auto"`` -> the environment override if set, else Pallas on GPU and XLA elsewhere
-    (before the compile check of :func:`pallas_compiles`)."""
-    return _resolve(impl)[0]
+def resolve_impl(impl: str, platform: Optional[str] = None) -> str:
+    """``"auto"`` -> the environment override if set, else Pallas on GPUs and TPUs and XLA on
+    CPUs (before the compile check of :func:`pallas_compiles`). ``platform``: the current
+    compilation target's by default."""
+    return _resolve(impl, platform or compilation.current().platform)[0]
+
+
+def _pallas_name(t: compilation.Target) -> str:
+    """What ``"pallas"`` runs for target ``t``."""
+    return {"gpu": "pallas_triton", "tpu": "pallas_mosaic"}.get(t.platform, "pallas_interpret")
+
+
+def _pallas_entry(entry: str, t: compilation.Target) -> Callable:
+    """The Pallas function for ``entry`` (``"ms_deform_attn"`` or ``"ms_deform_attn_fused"``)
+    on target ``t``, with the interpret flag the target implies."""
+    if t.platform == "tpu":
+        from jax_adapter.pallas_kernels import tpu
+
+        fn = tpu.ms_deform_attn_fused_tpu if entry.endswith("fused") else tpu.ms_deform_attn_tpu
+        return lambda *a, mesh=None, batch_axis=None: _batch_split(
+            lambda *xs: fn(xs[0], a[1], *xs[1:]), mesh, batch_axis)(a[0], *a[2:])
+    from jax_adapter import pallas_kernels
+
+    fn = getattr(pallas_kernels, entry)
+    return lambda *a, **k: fn(*a, interpret=t.platform != "gpu", **k)
 
 
 class PallasFallbackWarning(RuntimeWarning):
@@ -102,42 +132,46 @@ _PROBE_LOCK = threading.Lock()
 _WARNED = False
 
 
-def _probe(entry: str, shapes: Shapes, args: Sequence[Any]) -> None:
-    """Compile forward and backward of the Pallas ``entry`` point for ``args`` (arrays or shape
-    structs; only shapes and dtypes are used, with the batch cut to one) on the default
-    device. Raises whatever the compilation raises."""
-    from jax_adapter import pallas_kernels
-
-    fn = getattr(pallas_kernels, entry)
-    sds = [jax.ShapeDtypeStruct((1,) + tuple(a.shape[1:]), a.dtype) for a in args]
+def _probe(entry: str, shapes: Shapes, args: Sequence[Any], t: compilation.Target) -> None:
+    """Compile forward and backward of the Pallas ``entry`` point of target ``t`` for ``args``
+    (arrays or shape structs; only shapes and dtypes are used, with the batch cut to one) on
+    the target's device. Raises whatever the compilation raises."""
+    fn = _pallas_entry(entry, t)
+    device = t.device if t.device is not None else jax.devices()[0]
+    sharding = SingleDeviceSharding(device)
+    sds = [jax.ShapeDtypeStruct((1,) + tuple(a.shape[1:]), a.dtype, sharding=sharding) for a in args]
     q, width = sds[-1].shape[1], args[0].shape[2] * args[0].shape[3]
-    ct = jax.ShapeDtypeStruct((1, q, width), args[0].dtype)
+    ct = jax.ShapeDtypeStruct((1, q, width), args[0].dtype, sharding=sharding)
 
     def run(args, ct):
-        out, vjp = jax.vjp(lambda *a: fn(a[0], shapes, *a[1:], interpret=False), *args)
+        out, vjp = jax.vjp(lambda *a: fn(a[0], shapes, *a[1:]), *args)
         return out, vjp(ct)
 
     jax.jit(run).lower(tuple(sds), ct).compile()
 
 
-def pallas_compiles(entry: str, shapes: Shapes, args: Sequence[Any]) -> bool:
-    """Whether the Pallas kernels of this call signature compile here (checked once per
-    signature and process; the first failure warns with :class:`PallasFallbackWarning`)."""
+def pallas_compiles(entry: str, shapes: Shapes, args: Sequence[Any],
+                    t: Optional[compilation.Target] = None) -> bool:
+    """Whether the Pallas kernels of this call signature compile for target ``t`` (default: the
+    current one), checked once per signature and process; the first failure warns with
+    :class:`PallasFallbackWarning`."""
     global _WARNED
-    key = (entry, shapes) + tuple((tuple(a.shape[1:]), str(a.dtype)) for a in args)
+    t = compilation.current() if t is None else t
+    key = (entry, shapes, t.platform, t.device_kind) + tuple((tuple(a.shape[1:]), str(a.dtype)) for a in args)
     with _PROBE_LOCK:
         if key not in _PROBES:
             try:
-                _probe(entry, shapes, args)
+                _probe(entry, shapes, args, t)
                 _PROBES[key] = None
             except Exception as e:  # noqa: BLE001 - any failure means: do not use Pallas
-                _PROBES[key] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                text = str(e).strip()
+                _PROBES[key] = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
         error = _PROBES[key]
         if error is not None and not _WARNED:
             _WARNED = True
             warnings.warn(
-                f"the Pallas sampling-core kernels ({entry}) failed to compile on this "
-                f"{_backend()} device ({error[:300]}); impl='auto' falls back to the XLA "
+                f"the Pallas sampling-core kernels ({entry}) failed to compile for this "
+                f"{t.platform} device ({error[:300]}); impl='auto' falls back to the XLA "
                 f"implementation. Pass impl='pallas' (or set {IMPL_ENV}=pallas) to see the error, "
                 f"or {IMPL_ENV}=xla to choose XLA without this check.",
                 PallasFallbackWarning, stacklevel=4,
@@ -145,11 +179,16 @@ def pallas_compiles(entry: str, shapes: Shapes, args: Sequence[Any]) -> bool:
     return error is None
 
 
-def _use_pallas(impl: str, entry: str, shapes: Shapes, args: Sequence[Any]) -> bool:
-    choice, explicit = _resolve(impl)
-    if choice != "pallas":
-        return False
-    return explicit or pallas_compiles(entry, shapes, args)
+def _choose(impl: str, entry: str, shapes: Shapes, args: Sequence[Any]) -> Tuple[str, compilation.Target]:
+    """The implementation this call runs (``"xla"``, ``"dense"`` or ``"pallas"``), recorded in
+    the target's decisions, and the target."""
+    t = compilation.current()
+    choice, explicit = _resolve(impl, t.platform)
+    if choice == "pallas" and not explicit and not t.ahead_of_time and not pallas_compiles(entry, shapes, args, t):
+        choice = "xla"
+    name = {"pallas": _pallas_name(t), "xla": "xla_" + ("gpu" if t.platform == "gpu" else "cpu")}.get(choice, choice)
+    compilation.record("msda", name)
+    return choice, t
 
 
 def _batch_split(fn: Callable, mesh: Any, batch_axis: Optional[Any]) -> Callable:
@@ -182,7 +221,7 @@ def ms_deform_attn(
       sampling_locations: ``[B, Q, M, L, P, 2]``, (x, y) normalised to [0, 1] (may lie outside;
         non-finite locations contribute zero).
       attention_weights: ``[B, Q, M, L, P]``.
-      impl: ``"auto"``, ``"xla"`` or ``"pallas"`` (see the module notes on the fallback).
+      impl: ``"auto"``, ``"xla"``, ``"dense"`` or ``"pallas"`` (see the module notes).
       mesh, batch_axis: under a device mesh, the mesh axis (or axes) that split the batch; the
         core then runs per device under ``jax.shard_map`` (``mesh=None``: the mesh in context).
         The Pallas path keeps its ``custom_vjp`` outside the ``shard_map``.
@@ -200,33 +239,17 @@ def ms_deform_attn(
         raise InputError(
             f"attention_weights must be {sampling_locations.shape[:-1]}, got {attention_weights.shape}"
         )
-    if _use_pallas(impl, "ms_deform_attn", shapes, (value, sampling_locations, attention_weights)):
-        from jax_adapter import pallas_kernels
-
-        return pallas_kernels.ms_deform_attn(value, shapes, sampling_locations, attention_weights,
-                                             mesh=mesh, batch_axis=batch_axis)
-    core = _batch_split(lambda *a: ms_deform_attn_xla(a[0], shapes, *a[1:]), mesh, batch_axis)
+    choice, t = _choose(impl, "ms_deform_attn", shapes, (value, sampling_locations, attention_weights))
+    if choice == "pallas":
+        return _pallas_entry("ms_deform_attn", t)(value, shapes, sampling_locations, attention_weights,
+                                                  mesh=mesh, batch_axis=batch_axis)
+    formulation = "gpu" if t.platform == "gpu" else "cpu"
+    if choice == "dense":
+        fn = lambda *a: ms_deform_attn_dense(a[0], shapes, *a[1:])  # noqa: E731
+    else:
+        fn = lambda *a: ms_deform_attn_xla(a[0], shapes, *a[1:], formulation=formulation)  # noqa: E731
+    core = _batch_split(fn, mesh, batch_axis)
     return core(value, sampling_locations, attention_weights)
-
-
-def sampling_inputs(
-    spatial_shapes: Shapes,
-    reference_points: jax.Array,
-    offsets: jax.Array,
-    logits: jax.Array,
-) -> Tuple[jax.Array, jax.Array]:
-    """Locations and softmaxed weights from reference points, raw offsets and raw logits.
-
-    ``reference_points [B, Q, 2]`` (x, y), ``offsets [B, Q, M, L, P, 2]`` in pixels of each
-    level, ``logits [B, Q, M, L*P]`` -> ``([B, Q, M, L, P, 2], [B, Q, M, L, P])``. The softmax
-    runs in float32 at least.
-    """
-    b, q, m, n_l, n_p, _ = offsets.shape
-    normaliser = jnp.asarray([(w, h) for h, w in spatial_shapes], jnp.float32)
-    loc = reference_points[:, :, None, None, None, :] + offsets / normaliser[None, None, None, :, None, :]
-    wdtype = jnp.promote_types(logits.dtype, jnp.float32)
-    attn = jax.nn.softmax(logits.astype(wdtype), axis=-1).reshape(b, q, m, n_l, n_p)
-    return loc, attn
 
 
 def ms_deform_attn_fused(
@@ -262,14 +285,16 @@ def ms_deform_attn_fused(
         raise InputError(f"reference_points must be {(b, q, 2)}, got {reference_points.shape}")
     if logits.shape != (b, q, m, n_l * n_p):
         raise InputError(f"logits must be {(b, q, m, n_l * n_p)}, got {logits.shape}")
-    if _use_pallas(impl, "ms_deform_attn_fused", shapes, (value, reference_points, offsets, logits)):
-        from jax_adapter import pallas_kernels
-
-        return pallas_kernels.ms_deform_attn_fused(value, shapes, reference_points, offsets, logits,
-                                                   mesh=mesh, batch_axis=batch_axis)
+    choice, t = _choose(impl, "ms_deform_attn_fused", shapes, (value, reference_points, offsets, logits))
+    if choice == "pallas":
+        return _pallas_entry("ms_deform_attn_fused", t)(value, shapes, reference_points, offsets, logits,
+                                                        mesh=mesh, batch_axis=batch_axis)
+    formulation = "gpu" if t.platform == "gpu" else "cpu"
 
     def core(value, reference_points, offsets, logits):
+        if choice == "dense":
+            return ms_deform_attn_dense_fused(value, shapes, reference_points, offsets, logits)
         loc, attn = sampling_inputs(shapes, reference_points, offsets, logits)
-        return ms_deform_attn_xla(value, shapes, loc, attn)
+        return ms_deform_attn_xla(value, shapes, loc, attn, formulation=formulation)
 
     return _batch_split(core, mesh, batch_axis)(value, reference_points, offsets, logits)

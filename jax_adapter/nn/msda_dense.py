@@ -53,6 +53,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_adapter.errors import ConfigError
+from jax_adapter.nn.msda_xla import sampling_inputs
 
 Shapes = Tuple[Tuple[int, int], ...]
 
@@ -251,7 +252,7 @@ def ms_deform_attn_dense_fused(
     chunk: int | None = None,
 ) -> jax.Array:
     """:func:`ms_deform_attn_dense` from raw projections: ``loc = ref + offsets / (W_l, H_l)``
-    and a float32 softmax over the ``L*P`` logits (:func:`jax_adapter.nn.msda.sampling_inputs`).
+    and a float32 softmax over the ``L*P`` logits (:func:`jax_adapter.nn.msda_xla.sampling_inputs`).
 
     Args:
       value: ``[B, S, M, Dh]``.
@@ -264,9 +265,6 @@ def ms_deform_attn_dense_fused(
       ``[B, Q, M*Dh]`` in ``value.dtype``; differentiable in all four arrays (autodiff of the
       location and softmax arithmetic around the core's ``custom_vjp``).
     """
-    # Imported here: msda is the dispatch module and may import this one.
-    from jax_adapter.nn.msda import sampling_inputs
-
     shapes = _static(spatial_shapes)
     loc, attn = sampling_inputs(shapes, reference_points, offsets, logits)
     return ms_deform_attn_dense(value, shapes, loc, attn, chunk=chunk)

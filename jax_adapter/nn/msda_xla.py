@@ -20,7 +20,7 @@ The formulation is shaped by how XLA:CPU compiles gathers, reductions and scatte
   a library kernel that needs its input materialised.
 
 On GPU a sequential loop of ``B*M`` small steps leaves the device mostly idle, and there is
-no cache for the loop to be kind to. The ``"gpu"`` formulation (chosen by backend, see
+no cache for the loop to be kind to. The ``"gpu"`` formulation (chosen by compilation target, see
 :func:`default_formulation`) therefore runs the same per-pair code once over all ``B*Q*M``
 (query, head) rows in ``[B, Q, M]`` order: one fused gather-and-sum for the forward, whose
 result is already in the output layout, one scatter-add and one set of corner dot products for
@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jax_adapter import compilation
 from jax_adapter.errors import ConfigError
 
 Shapes = Tuple[Tuple[int, int], ...]
@@ -54,10 +55,11 @@ _IN_BOUNDS = lax.GatherScatterMode.PROMISE_IN_BOUNDS
 FORMULATIONS = ("cpu", "gpu")
 
 
-def default_formulation(backend: str | None = None) -> str:
-    """``"gpu"`` on GPU backends, ``"cpu"`` (the per-pair loop) elsewhere."""
-    backend = jax.default_backend() if backend is None else backend
-    return "gpu" if backend in ("gpu", "cuda", "rocm") else "cpu"
+def default_formulation(platform: str | None = None) -> str:
+    """``"gpu"`` for GPUs, ``"cpu"`` (the per-pair loop) elsewhere; ``platform``: the current
+    compilation target's (:func:`jax_adapter.target`) by default."""
+    platform = compilation.current().platform if platform is None else platform
+    return "gpu" if platform in ("gpu", "cuda", "rocm") else "cpu"
 
 
 def bilinear_corners(loc: jax.Array, h: int, w: int):
@@ -252,3 +254,23 @@ def ms_deform_attn_xla(value: jax.Array, spatial_shapes: Sequence[Tuple[int, int
         raise ConfigError(f"formulation must be one of {FORMULATIONS}, got {formulation!r}")
     shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
     return _ms_deform_attn(value, shapes, sampling_locations, attention_weights, formulation)
+
+
+def sampling_inputs(
+    spatial_shapes: Shapes,
+    reference_points: jax.Array,
+    offsets: jax.Array,
+    logits: jax.Array,
+) -> Tuple[jax.Array, jax.Array]:
+    """Locations and softmaxed weights from reference points, raw offsets and raw logits.
+
+    ``reference_points [B, Q, 2]`` (x, y), ``offsets [B, Q, M, L, P, 2]`` in pixels of each
+    level, ``logits [B, Q, M, L*P]`` -> ``([B, Q, M, L, P, 2], [B, Q, M, L, P])``. The softmax
+    runs in float32 at least.
+    """
+    b, q, m, n_l, n_p, _ = offsets.shape
+    normaliser = jnp.asarray([(w, h) for h, w in spatial_shapes], jnp.float32)
+    loc = reference_points[:, :, None, None, None, :] + offsets / normaliser[None, None, None, :, None, :]
+    wdtype = jnp.promote_types(logits.dtype, jnp.float32)
+    attn = jax.nn.softmax(logits.astype(wdtype), axis=-1).reshape(b, q, m, n_l, n_p)
+    return loc, attn

@@ -15,7 +15,8 @@ The pieces, smallest first:
 * :class:`Checkpoints`: orbax ``CheckpointManager`` over the whole :class:`TrainState`
   (parameters, batch statistics, optimizer state, step, rng): periodic, keep-last-N, atomic.
 * :class:`Trainer` with a :class:`TrainConfig`: a whole run (the loop, resuming, the schedule's
-  rules, checkpoints, the run record); :func:`adapter_step` builds the recipe's step alone.
+  rules, checkpoints, the run record); :func:`adapter_step` builds the recipe's step alone and
+  :func:`recipe_config` applies its switches (remat, bfloat16, drop path) to a config.
 """
 
 
@@ -26,13 +27,13 @@ from jax_adapter.training.params import (
     EMBEDDING_NAMES, NESTED_TRUNK, NO_DECAY_NAMES, TRUNK_NAMES, exclude_frozen, frozen_paths,
     is_trunk, layer_id, lr_scales, map_with_path, path_names, trainable_filter, weight_decay_mask,
 )
-from jax_adapter.training.run import TrainConfig, Trainer, adapter_step
+from jax_adapter.training.run import TrainConfig, Trainer, adapter_step, recipe_config
 from jax_adapter.training.step import LossFn, TrainState, TrainStep, make_mesh, replicate, reseed_streams
 
 __all__ = [
     "BATCH_AXIS", "Checkpoints", "EMBEDDING_NAMES", "LossFn", "NESTED_TRUNK", "NO_DECAY_NAMES",
     "OptimizerConfig", "TRUNK_NAMES", "TrainConfig", "TrainState", "TrainStep", "Trainer", "adapter_step",
     "exclude_frozen", "frozen_paths", "is_trunk", "layer_id", "lr_schedule", "lr_scales",
-    "make_mesh", "make_optimizer", "map_with_path", "path_names", "replicate", "reseed_streams",
+    "make_mesh", "make_optimizer", "map_with_path", "path_names", "recipe_config", "replicate", "reseed_streams",
     "trainable_filter", "weight_decay_mask",
 ]

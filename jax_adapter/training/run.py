@@ -140,6 +140,22 @@ def _submodule(model: nnx.Module, path: Sequence[Hashable]) -> nnx.Module:
     return model
 
 
+def recipe_config(cfg: Any, *, remat: bool = False, bf16: bool = False, drop_path: Optional[float] = None) -> Any:
+    """An adapter config with the training switches applied: ``remat`` (``with_cp``, activation
+    checkpointing), ``bf16`` (bfloat16 compute with float32 parameters; it reaches a frozen
+    DINOv3 trunk too, as upstream's autocast does) and ``drop_path`` (the rate)."""
+    changes: Dict[str, Any] = {}
+    if remat:
+        changes["with_cp"] = True
+    if bf16:
+        changes["dtype"] = "bfloat16"
+        if getattr(cfg, "frozen_trunk", False):
+            changes["trunk_dtype"] = "bfloat16"
+    if drop_path is not None:
+        changes["drop_path_rate"] = drop_path
+    return cfg.replace(**changes)
+
+
 def adapter_step(model: nnx.Module, loss_fn: LossFn, optimizer: OptimizerConfig, *,
                  freeze_trunk: bool = False, mesh: Any = None,
                  backbone_path: Sequence[Hashable] = ("backbone",)) -> TrainStep:

@@ -111,7 +111,7 @@ def test_bfloat16_training_runs_50_steps_with_falling_loss(train):
 @pytest.mark.parametrize("args, message", [
     (["--image-size", "56"], "bad --image-size"),
     (["--devices", "4", "--batch", "6"], "not divisible by the 4 devices"),
-    (["--preset", "no_such_preset"], "neither a preset"),
+    (["--preset", "no_such_preset"], "neither a registered model"),
     (["--resume"], "--resume needs --workdir"),
 ])
 def test_bad_options_fail_with_one_line_and_exit_code_2(args, message):
@@ -126,7 +126,8 @@ def test_workdir_with_checkpoints_needs_resume_and_the_same_options(train):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     base = [sys.executable, "-m", "jax_adapter.cli", "train", "--workdir", wd]
     proc = subprocess.run(base + COMMON, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert proc.returncode == 2 and "pass --resume" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and "already holds checkpoints" in proc.stderr and "--resume" in proc.stderr, \
+        proc.stderr[-2000:]
     changed = [a if a != "3" else "4" for a in COMMON]  # another --seed
     proc = subprocess.run(base + changed + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and "differ from the run" in proc.stderr and "seed" in proc.stderr

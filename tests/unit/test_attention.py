@@ -120,10 +120,8 @@ class _Spy:
         return xla_attention(q, k, v, scale=scale)
 
 
-def test_auto_on_gpu_bfloat16_calls_cudnn(monkeypatch):
+def test_auto_on_gpu_bfloat16_calls_cudnn(monkeypatch, gpu_target):
     spy = _Spy()
-    monkeypatch.setattr(att, "_device_facts", lambda: ("gpu", "9.0"))
-    monkeypatch.setattr(att.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(att.jax.nn, "dot_product_attention", spy)
     q, k, v, _ = (a.astype(jnp.bfloat16) for a in qkvg())
     dot_product_attention(q, k, v)
@@ -133,10 +131,8 @@ def test_auto_on_gpu_bfloat16_calls_cudnn(monkeypatch):
     assert spy.calls == []
 
 
-def test_cudnn_refusal_falls_back_to_xla(monkeypatch):
+def test_cudnn_refusal_falls_back_to_xla(monkeypatch, gpu_target):
     spy = _Spy(fail=NotImplementedError("cuDNN version too old"))
-    monkeypatch.setattr(att, "_device_facts", lambda: ("gpu", "9.0"))
-    monkeypatch.setattr(att.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(att.jax.nn, "dot_product_attention", spy)
     q, k, v, _ = (a.astype(jnp.bfloat16) for a in qkvg())
     with pytest.warns(AttentionFallbackWarning, match="cuDNN version too old"):

@@ -162,13 +162,7 @@ def test_formulation_rule(platform, dtype, head_dim, cc, want):
     assert choose_formulation(platform, dtype, head_dim, cc) == want
 
 
-def _pretend_gpu(monkeypatch):
-    monkeypatch.setattr(att, "_device_facts", lambda: ("gpu", "9.0"))
-    monkeypatch.setattr(att.jax, "default_backend", lambda: "gpu")
-
-
-def test_auto_on_gpu_float32_runs_blocked(monkeypatch):
-    _pretend_gpu(monkeypatch)
+def test_auto_on_gpu_float32_runs_blocked(monkeypatch, gpu_target):
     called = []
     monkeypatch.setattr(att, "blocked_attention", lambda *a, **kw: called.append(1) or xla_attention(*a, **kw))
     q, k, v, _ = inputs()
@@ -178,8 +172,7 @@ def test_auto_on_gpu_float32_runs_blocked(monkeypatch):
     assert called == [1]
 
 
-def test_cudnn_refusal_on_gpu_runs_blocked(monkeypatch):
-    _pretend_gpu(monkeypatch)
+def test_cudnn_refusal_on_gpu_runs_blocked(monkeypatch, gpu_target):
 
     def refuse(*a, **kw):
         raise RuntimeError("cuDNN not found.")

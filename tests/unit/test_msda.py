@@ -208,12 +208,12 @@ def _small_case(rng):
 
 
 @pytest.fixture
-def fake_gpu(monkeypatch):
-    """Dispatch believes it runs on a GPU; probe results and the one-warning flag start fresh."""
+def fake_gpu(monkeypatch, gpu_target):
+    """Dispatch traces for a GPU; probe results and the one-warning flag start fresh."""
     monkeypatch.delenv(ops.IMPL_ENV, raising=False)
-    monkeypatch.setattr(ops, "_backend", lambda: "gpu")
     monkeypatch.setattr(ops, "_PROBES", {})
     monkeypatch.setattr(ops, "_WARNED", False)
+    return gpu_target
 
 
 def test_auto_falls_back_to_xla_with_one_warning(fake_gpu):

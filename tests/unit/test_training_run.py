@@ -69,7 +69,7 @@ def _trainer(tmp_path, log, **changes) -> training.Trainer:
     cfg = jax_adapter.DinoV2AdapterConfig.preset("tiny").replace(drop_path_rate=0.3)
     model = synthetic.SegmentationModel(cfg, hidden=8, rngs=nnx.Rngs(0))
     model.train()
-    train_cfg = training.TrainConfig(steps=3, batch=BATCH, workdir=str(tmp_path / "run"), **changes)
+    train_cfg = training.TrainConfig(**{"steps": 3, "batch": BATCH, "workdir": str(tmp_path / "run"), **changes})
     return training.Trainer(model, synthetic.segmentation_loss, train_cfg, mesh=training.make_mesh(jax.devices()[:1]),
                             task={"image_size": [H, W]}, log=log.append)
 
