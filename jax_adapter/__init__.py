@@ -15,19 +15,23 @@ converts and caches them, ``checkpoint`` is the on-disk format, ``preprocessing`
 compiles for GPUs and TPUs this machine does not have.
 """
 
-from jax_adapter import registry
-from jax_adapter.compilation import Target, target
-from jax_adapter.errors import JaxAdapterError
-from jax_adapter.models.base import AdapterOutput, TrunkOutput
-from jax_adapter.models.dinov2 import (AdapterConfig, DinoAdapter, DinoV2, DinoV2Adapter, DinoV2AdapterConfig,
-                                       DinoV2Config, DinoV2Output)
-from jax_adapter.models.dinov3 import DinoV3, DinoV3Adapter, DinoV3AdapterConfig, DinoV3Config
-from jax_adapter.nn import msda
-from jax_adapter.nn.geometry import AdapterGeometry, compute_geometry
-from jax_adapter.presets import PRESETS
-from jax_adapter.pretrained import (create_model, list_models, list_pretrained, load_checkpoint, load_pretrained,
-                                    save_pretrained)
-from jax_adapter.preprocessing import preprocess
+from jax_adapter import memory
+
+memory.apply_default()  # before JAX starts its threads (see jax_adapter.memory)
+
+from jax_adapter import registry  # noqa: E402
+from jax_adapter.compilation import Target, target  # noqa: E402
+from jax_adapter.errors import JaxAdapterError  # noqa: E402
+from jax_adapter.models.base import AdapterOutput, TrunkOutput  # noqa: E402
+from jax_adapter.models.dinov2 import (  # noqa: E402
+    AdapterConfig, DinoAdapter, DinoV2, DinoV2Adapter, DinoV2AdapterConfig, DinoV2Config, DinoV2Output)
+from jax_adapter.models.dinov3 import DinoV3, DinoV3Adapter, DinoV3AdapterConfig, DinoV3Config  # noqa: E402
+from jax_adapter.nn import msda  # noqa: E402
+from jax_adapter.nn.geometry import AdapterGeometry, compute_geometry  # noqa: E402
+from jax_adapter.presets import PRESETS  # noqa: E402
+from jax_adapter.pretrained import (  # noqa: E402
+    create_model, list_models, list_pretrained, load_checkpoint, load_pretrained, save_pretrained)
+from jax_adapter.preprocessing import preprocess  # noqa: E402
 
 ops = msda  # the sampling core's earlier public name
 

@@ -29,11 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if argv is None and args.command == "train" and not args.release_memory:
-        # The program itself (not a caller's in-process main([...])): start over once with the
-        # allocator settings of jax_adapter.memory, which glibc reads only at startup.
-        from jax_adapter.memory import reexec_retaining_freed_memory
-        reexec_retaining_freed_memory()
+    if getattr(args, "release_memory", False):
+        # The package's import applied the allocator setting (jax_adapter.memory): undo it.
+        from jax_adapter.memory import release_freed_memory
+        release_freed_memory()
     try:
         return args.func(args)
     except (JaxAdapterError, OSError) as e:

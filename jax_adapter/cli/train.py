@@ -57,9 +57,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--stop-after", type=int, default=None,
                    help="stop after this step as if interrupted (a checkpoint is written)")
     t.add_argument("--release-memory", action="store_true",
-                   help="leave glibc's allocator settings alone (by default the command runs with "
-                        "MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1, which keep "
-                        "freed memory for reuse and make CPU steps much faster; see jax_adapter.memory)")
+                   help="give glibc back its defaults for large blocks (by default jax_adapter keeps freed "
+                        "memory for reuse, which makes CPU steps much faster; see jax_adapter.memory)")
     t.add_argument("--distributed", action="store_true",
                    help="multi-host: call jax.distributed.initialize() first (see also the next three)")
     t.add_argument("--coordinator-address", default=None, help="host:port of process 0 (multi-host)")

@@ -1,47 +1,80 @@
-"""The allocator setting of jax_adapter.memory: the environment it sets and the re-execution
-that applies it (a subprocess: glibc reads the setting only when a program starts).
-
-What the setting is for, page faults and step time, is measured by benchmarks/train_step.py
-(the page faults per call are in its record); how many pages a call faults in depends on how
-the heap happens to fragment, so it is not asserted here.
+"""The allocator setting of jax_adapter.memory, applied by ``import jax_adapter`` (in subprocesses:
+each needs a fresh allocator). What it is for, page faults and step time, is measured by
+benchmarks/cpu/train_step.py; here its effect on freed memory is checked: a freed 256 MB block
+stays in the process with the setting and goes back to the system without it.
 """
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
 
-from jax_adapter.memory import (RETAIN_FREED_MEMORY, is_glibc, retaining_environ,
-                                retains_freed_memory)
+import pytest
 
-ENV = {k: v for k, v in os.environ.items() if k not in RETAIN_FREED_MEMORY}
+from jax_adapter.memory import OPT_OUT, RETAIN_FREED_MEMORY, is_glibc, retains_freed_memory
+
+ENV = {k: v for k, v in os.environ.items() if k not in RETAIN_FREED_MEMORY and k != OPT_OUT}
 ENV["JAX_PLATFORMS"] = "cpu"
+BLOCK = 256 << 20
+
+pytestmark = pytest.mark.skipif(not is_glibc(), reason="the setting is glibc's (Linux); elsewhere nothing is applied")
+
+# Resident memory before and after allocating and freeing a 256 MB block, and the status.
+PROBE = f"""
+    import json, os
+    import numpy as np
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def probe():
+        a = np.ones({BLOCK}, np.uint8)
+        held = rss()
+        del a
+        return held - rss()   # what freeing gave back
+
+    print(json.dumps({{"given_back": probe(), "status": jax_adapter.memory.status()}}))
+"""
 
 
-def run(code: str, *args: str, env=None) -> str:
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
+def run(prefix: str, env=None) -> dict:
+    code = textwrap.dedent(prefix) + textwrap.dedent(PROBE)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=ENV if env is None else env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_the_environment():
+def test_import_applies_it_before_jax_starts():
+    r = run("import jax_adapter\n")
+    assert r["status"] == {"applied": True, "how": "mallopt", "reaches_jax_threads": True}
+    assert r["given_back"] < BLOCK // 8  # kept for reuse
+
+
+def test_opt_out_leaves_glibc_alone():
+    r = run("import jax_adapter\n", env={**ENV, OPT_OUT: "0"})
+    assert r["status"]["applied"] is False
+    assert r["given_back"] > BLOCK * 7 // 8  # a large block is mmap'd and unmapped
+
+
+def test_release_gives_the_defaults_back():
+    r = run("import jax_adapter\njax_adapter.memory.release_freed_memory()\n")
+    assert r["status"]["applied"] is False and r["given_back"] > BLOCK * 7 // 8
+
+
+def test_applied_after_jax_started_is_reported():
+    r = run("""
+        import jax, jax.numpy as jnp
+        jnp.ones(3).block_until_ready()   # the CPU backend and its threads start
+        import jax_adapter
+    """)
+    assert r["status"] == {"applied": True, "how": "mallopt", "reaches_jax_threads": False}
+
+
+def test_the_environment_form():
     assert RETAIN_FREED_MEMORY == {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "-1"}
-    assert not retains_freed_memory({"MALLOC_ARENA_MAX": "1"})
-    env = retaining_environ({"PATH": "/bin", "MALLOC_ARENA_MAX": "4"})
-    assert env["PATH"] == "/bin" and retains_freed_memory(env)
-
-
-def test_reexec_once_with_the_setting():
-    out = run("""
-        import os, sys
-        print("start", flush=True)
-        from jax_adapter.memory import reexec_retaining_freed_memory, retains_freed_memory
-        reexec_retaining_freed_memory()
-        print("args", sys.argv[1:], "retains", retains_freed_memory())
-    """, "--flag")
-    if is_glibc():
-        # The first run prints "start" and is replaced; the second prints both lines.
-        assert out.split("\n")[:3] == ["start", "start", "args ['--flag'] retains True"], out
-    else:
-        assert out.split("\n")[:2] == ["start", "args ['--flag'] retains False"], out
+    assert not retains_freed_memory({"MALLOC_ARENA_MAX": "1"}) and retains_freed_memory(RETAIN_FREED_MEMORY)
+    r = run("import jax_adapter\n", env={**ENV, **RETAIN_FREED_MEMORY, OPT_OUT: "0"})
+    assert r["status"]["how"] == "environment" and r["given_back"] < BLOCK // 8

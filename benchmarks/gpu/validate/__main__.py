@@ -44,7 +44,9 @@ wall time; a failing step does not stop the others; the exit code is 1 if any st
    reference is the chunked path in float32 on batch[:1], heads[:2]. Interleaved timings,
    cudnn/xla ratios, compiled and device memory; float32 ``"auto"`` (XLA) timed at ViT-S.
 6. ``train``: the ViT-S and ViT-B adapter train step (bfloat16, frozen trunk, 6x256x704), with
-   the sampling core on Pallas and on XLA.
+   the sampling core on Pallas and on XLA; its compiled memory analysis and the device's peak,
+   beside what ``jax-adapter plan`` predicts for the same step and card without a GPU (the
+   plan runs in a CPU process; ``peak_over_compiled`` is the ratio).
 
 Writes one JSON (default ``benchmarks/results/gpu-validate-<backend>.json``; in dry mode
 ``gpu-validate-dry.json``), rewritten after every step so that a timeout keeps what was done.
