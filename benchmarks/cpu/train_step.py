@@ -41,10 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from benchmarks.common import check_quiet, machine_info, now, race, rel_err, write_record
+from benchmarks.common import check_quiet, machine_info, now, race, rel_err, restart_with, write_record
 from jax_adapter import AdapterConfig, DinoAdapter
 from jax_adapter.convert.keys import load_state_dict, to_state_dict
-from jax_adapter.memory import RETAIN_FREED_MEMORY, reexec_retaining_freed_memory
+from jax_adapter import memory
 from jax_adapter.nn.attention import dot_product_attention
 from jax_adapter.training.params import trainable_filter
 
@@ -125,23 +125,34 @@ def nhwc(t: "torch.Tensor") -> np.ndarray:
 # Train step
 # ------------------------------------------------------------------------------------------
 
-def jax_step(model: DinoAdapter, freeze: bool):
-    """A jitted ``(params, rest, images, cots) -> ((loss, batch_stats), grads)``."""
+def _loss(m, images, cots):
+    out = m(images)
+    return sum(jnp.vdot(o, c) for o, c in zip((*out.features, out.vit), cots))
+
+
+def jax_step(model: DinoAdapter, freeze: bool, loop: str):
+    """``(run(images, cots) -> (loss, grads), graph, rest)``: the forward+backward of the step.
+
+    ``loop="split"``: the model split once into graph and state, ``jax.jit`` of a pure function
+    of the state (what ``jax_adapter.training.TrainStep`` does). ``loop="user"``: ``nnx.jit`` of
+    ``nnx.value_and_grad`` called on the module itself, as a user's own loop is written."""
     model.train()
     filt = trainable_filter(freeze)
     graph, params, rest = nnx.split(model, filt, ...)
+    if loop == "user":
+        @nnx.jit
+        def user_step(m, images, cots):
+            return nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, filt))(m, images, cots)
 
-    def loss_fn(m, images, cots):
-        out = m(images)
-        return sum(jnp.vdot(o, c) for o, c in zip((*out.features, out.vit), cots))
+        return (lambda images, cots: user_step(model, images, cots)), graph, rest
 
     @jax.jit
     def fn(params, rest, images, cots):
         m = nnx.merge(graph, params, rest)
-        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, filt))(m, images, cots)
-        return (loss, nnx.state(m, nnx.BatchStat)), grads
+        loss, grads = nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, filt))(m, images, cots)
+        return loss, grads
 
-    return graph, params, rest, fn
+    return (lambda images, cots: fn(params, rest, images, cots)), graph, rest
 
 
 def float64_grads(peer, timg, tcots) -> Dict[str, np.ndarray]:
@@ -172,11 +183,11 @@ def step_section(cfg, args, record):
             p.requires_grad_(True)
         if freeze:
             torch_peer.freeze_trunk(peer)
-        graph, params, rest, fn = jax_step(model, freeze)
+        fn, graph, rest = jax_step(model, freeze, args.loop)
         x = jnp.asarray(images)
 
         def run_jax():
-            return jax.block_until_ready(fn(params, rest, x, cots))
+            return jax.block_until_ready(fn(x, cots))
 
         def run_torch():
             peer.zero_grad(set_to_none=True)
@@ -186,7 +197,7 @@ def step_section(cfg, args, record):
             return loss
 
         # Agreement: loss and every gradient, by state-dict name, against float64.
-        (loss, _), grads = run_jax()
+        loss, grads = run_jax()
         tloss = float(run_torch().detach())
         jg = to_state_dict(nnx.merge(graph, grads, rest))
         tg = {k: p.grad.numpy() for k, p in peer.named_parameters() if p.grad is not None}
@@ -211,7 +222,7 @@ def step_section(cfg, args, record):
         print(f"[step {name}] jax {t['jax']['median_s']:.2f} s, torch {t['torch']['median_s']:.2f} s, "
               f"ratio {results[name]['ratio']:.2f}x; page faults per step: jax {t['jax']['page_faults_median']}, "
               f"torch {t['torch']['page_faults_median']}", flush=True)
-    record["step"] = {"batch": b, "size": [h, w], **results}
+    record["step"] = {"batch": b, "size": [h, w], "loop": args.loop, **results}
 
 
 # ------------------------------------------------------------------------------------------
@@ -381,13 +392,16 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (smoke run)")
     ap.add_argument("--allocator", default="retain", choices=("retain", "default"),
-                    help="retain: run with jax_adapter.memory.RETAIN_FREED_MEMORY in the environment "
-                         "(re-executing once to set it), for both sides, as jax-adapter train does; "
-                         "default: glibc's defaults")
+                    help="retain: the allocator setting import jax_adapter applies (jax_adapter.memory), "
+                         "for both sides; default: glibc's defaults (re-executes once with "
+                         f"{memory.OPT_OUT}=0)")
+    ap.add_argument("--loop", default="user", choices=("user", "split"),
+                    help="user: the step as a user writes it (nnx.jit of nnx.value_and_grad on the module); "
+                         "split: jax.jit of a pure function of the split state (as TrainStep)")
     ap.add_argument("--out", default=None, help="results file (default results/train_step-cpu.json)")
     args = ap.parse_args(argv)
-    if args.allocator == "retain":
-        reexec_retaining_freed_memory()
+    if args.allocator == "default" and memory.status()["applied"]:
+        restart_with({memory.OPT_OUT: "0"})
     torch.set_num_threads(args.threads)
     cfg = AdapterConfig.preset("dinov2_vits14")
     args.batch, args.size, args.forward_sizes = 2, (256, 704), [(256, 704), (900, 1600)]
@@ -400,7 +414,7 @@ def main(argv=None) -> None:
         ap.error(f"unknown section(s) {sorted(bad)}; choose from step, forward, parts")
     record = {"date": now(), "machine": machine_info(), "peer_msda": args.peer_msda,
               "model": "ViT-S DinoAdapter", "quick": args.quick, "reps": args.reps, "warmup": args.warmup,
-              "allocator": args.allocator, "malloc_env": {k: os.environ.get(k) for k in RETAIN_FREED_MEMORY},
+              "allocator": args.allocator, "allocator_status": memory.status(), "loop": args.loop,
               "load_before": check_quiet("the JAX / PyTorch ratio")}
     for s in sections:
         {"step": step_section, "forward": forward_section, "parts": parts_section}[s](cfg, args, record)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import jax_adapter
 from jax_adapter.nn import attention as att
 from jax_adapter.nn.attention import (AttentionFallbackWarning, choose_implementation,
                                       chunked_attention, dot_product_attention, xla_attention)
@@ -148,11 +149,12 @@ def test_forced_cudnn_on_cpu_warns_and_runs_xla():
     np.testing.assert_allclose(np.asarray(out), np.asarray(xla_attention(q, k, v)), rtol=0, atol=F32_TOL)
 
 
-def test_auto_on_cpu_is_silent_and_chunked(monkeypatch):
+@pytest.mark.parametrize("platform, formulation", [("cpu", "chunked_attention"), ("gpu", "blocked_attention")])
+def test_auto_float32_is_silent_and_picks_the_platform_formulation(monkeypatch, platform, formulation):
     called = []
-    monkeypatch.setattr(att, "chunked_attention", lambda *a, **kw: called.append(1) or xla_attention(*a, **kw))
+    monkeypatch.setattr(att, formulation, lambda *a, **kw: called.append(1) or xla_attention(*a, **kw))
     q, k, v, _ = qkvg()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), jax_adapter.target(platform, compute_capability="9.0", ahead_of_time=False):
         warnings.simplefilter("error")
         dot_product_attention(q, k, v)
     assert called == [1]

@@ -2,7 +2,6 @@
 a recomputing custom_vjp), held to a float64 reference next to the textbook ("xla") and chunked
 formulations; its residuals, block rule and the dispatch that picks it on GPUs. Runs on CPU."""
 
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -160,16 +159,6 @@ def test_undifferentiated_one_block_is_the_textbook_form():
 ])
 def test_formulation_rule(platform, dtype, head_dim, cc, want):
     assert choose_formulation(platform, dtype, head_dim, cc) == want
-
-
-def test_auto_on_gpu_float32_runs_blocked(monkeypatch, gpu_target):
-    called = []
-    monkeypatch.setattr(att, "blocked_attention", lambda *a, **kw: called.append(1) or xla_attention(*a, **kw))
-    q, k, v, _ = inputs()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        dot_product_attention(q, k, v)
-    assert called == [1]
 
 
 def test_cudnn_refusal_on_gpu_runs_blocked(monkeypatch, gpu_target):

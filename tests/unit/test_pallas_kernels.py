@@ -15,6 +15,7 @@ from jax_adapter import pallas_kernels
 from jax_adapter.pallas_kernels._common import resolve_interpret
 from jax_adapter.nn import msda as ops
 from jax_adapter.nn.msda_xla import ms_deform_attn_xla
+from tests import msda_cases as cases
 from tests.helpers import load_npz, rel_err
 
 INTERPRET = jax.default_backend() != "gpu"
@@ -90,31 +91,10 @@ def test_fixture_parity():
 
 
 def test_fused_fixture_parity():
-    """The fixture's weights are a softmax over L*P, so ``logits = log(weights)`` and offsets
-    ``(loc - ref) * (W, H)`` reproduce it; the expected gradients follow by the chain rule."""
-    core, shapes = _fixture()
-    rng = np.random.default_rng(5)
-    loc, attn, g_loc, g_attn = (core[k] for k in (
-        "sampling_locations", "attention_weights", "grad_sampling_locations", "grad_attention_weights"))
-    b, q, m, n_l, n_p, _ = loc.shape
-    norm = np.array([[w, h] for h, w in shapes], np.float64)[None, None, None, :, None]
-    ref_pts = rng.uniform(size=(b, q, 2))
-    offsets = (loc - ref_pts[:, :, None, None, None]) * norm
-    logits = np.log(attn).reshape(b, q, m, n_l * n_p)
-    a, ga = attn.reshape(b, q, m, -1), g_attn.reshape(b, q, m, -1)
-    expected = {
-        "value": core["grad_value"],
-        "reference points": g_loc.sum(axis=(2, 3, 4)),
-        "offsets": g_loc / norm,
-        "logits": a * (ga - (a * ga).sum(-1, keepdims=True)),
-    }
-    fn = lambda v, r, o, z: pallas_kernels.ms_deform_attn_fused(v, shapes, r, o, z, block_q=8, block_q_value=4)
-    with jax.enable_x64(FIXTURE_DTYPE == "float64"):
-        args = [jnp.asarray(x, FIXTURE_DTYPE) for x in (core["value"], ref_pts, offsets, logits)]
-        out, grads = _value_and_grads(fn, args, jnp.asarray(core["cotangent"], FIXTURE_DTYPE))
-    _close(out, core["output"], FIXTURE_TOL, "output")
-    for g, (name, e) in zip(grads, expected.items()):
-        _close(g, e, FIXTURE_TOL, f"grad {name}")
+    """The fixture through the fused entry point (logits and offsets that reproduce it)."""
+    cases.check_fused_fixture_parity(
+        lambda v, s, r, o, z: pallas_kernels.ms_deform_attn_fused(v, s, r, o, z, block_q=8, block_q_value=4),
+        FIXTURE_DTYPE, FIXTURE_TOL)
 
 
 # --- edge cases against the XLA reference ---------------------------------------------------
@@ -131,29 +111,12 @@ CROWD_Q = slice(5, Q)
 
 def _edge_locations(rng) -> np.ndarray:
     """``[B, Q, M, L, P, 2]``: off-map, half-off, far, non-finite, pixel-centre and crowded."""
-    loc = rng.uniform(-0.3, 1.3, size=(B, Q, M, L, P, 2))
-    loc[0, 0, 0, 0, 0] = [-5.0, 0.5]
-    loc[0, 0, 1, 1, 1] = [0.5, 7.0]
-    loc[1, 3, 0, 1, 0] = [1e9, -1e9]
-    loc[1, 0, 1, 0, 1] = [-0.05, 1.02]  # only some corners on the map
-    loc[0, 2, 0, 0, 0] = [np.nan, 0.5]
-    loc[0, 2, 1, 1, 0] = [np.inf, 0.5]
-    loc[1, 2, 0, 0, 1] = [0.5, -np.inf]
-    loc[1, 1, 1, 1, 1] = [np.nan, np.nan]
+    loc = cases.hard_locations(rng, (B, Q, M, L, P, 2))
     for lvl, (h, w) in enumerate(SHAPES):
         loc[:, CENTRE_Q, :, lvl, :, 0] = (rng.integers(0, w, size=(B, M, P)) + 0.5) / w
         loc[:, CENTRE_Q, :, lvl, :, 1] = (rng.integers(0, h, size=(B, M, P)) + 0.5) / h
     loc[:, CROWD_Q, 0, 0, :] = [0.37, 0.61]
     return loc.astype(np.float32)
-
-
-def _check_nonfinite(loc, g_loc, g_attn):
-    bad = ~np.isfinite(loc).all(-1)
-    assert bad.sum() == 4
-    for g in (g_loc, g_attn):
-        assert np.isfinite(np.asarray(g, np.float32)).all()
-    assert np.abs(np.asarray(g_loc, np.float32)[bad]).max() == 0.0
-    assert np.abs(np.asarray(g_attn, np.float32)[bad]).max() == 0.0
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -179,7 +142,7 @@ def test_edge_cases_match_xla(dtype):
     off_centre = np.ones(loc.shape, bool)
     off_centre[:, CENTRE_Q] = False
     _close(g_l, r_l, tol, "grad locations", keep=off_centre)
-    _check_nonfinite(loc, g_l, g_a)
+    cases.check_nonfinite(loc, g_l, g_a)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

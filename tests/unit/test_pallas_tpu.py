@@ -1,7 +1,7 @@
 """The Pallas TPU (Mosaic) sampling-core kernels, run by the Pallas interpreter on CPU, against the
 float64 PyTorch fixture, the XLA core and a hand-computed kink convention; and lowered for TPU.
 
-Compiling for a real TPU needs libtpu (``benchmarks/tpu_core.py`` does it deviceless); here the
+Compiling for a real TPU needs libtpu (``benchmarks/tpu/core.py`` does it deviceless); here the
 kernels are lowered to Mosaic for a TPU target, which checks what the lowering checks, and their
 semantics are checked in interpret mode. Tolerances are relative to each expected array's largest
 magnitude: float64 1e-6, float32 1e-4, bfloat16 2e-2 (bfloat16 inputs and MXU operands).
@@ -14,31 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_adapter.nn import msda as ops
 from jax_adapter.nn.msda_xla import ms_deform_attn_xla
 from jax_adapter.pallas_kernels import tpu
 from jax_adapter.pallas_kernels.tpu import ms_deform_attn_fused_tpu, ms_deform_attn_tpu
 from tests import msda_cases as cases
-from tests.msda_cases import B, DH, EDGE_SHAPES, L, M, P, Q, S, close
-
-TOL = {"float64": 1e-6, "float32": 1e-4, "bfloat16": 2e-2}
-GRADS = ("grad_value", "grad_sampling_locations", "grad_attention_weights")
-# The interpreted kernels become large XLA:CPU programs whose compile time is what these tests
-# spend; LLVM optimisation and the fusion emitters only cost time on them.
-_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-_jit = lambda f: jax.jit(f, compiler_options=_COMPILER_OPTIONS)
+from tests.msda_cases import TOL, EDGE_SHAPES, close, jit, value_and_grads
 
 
 def _kernel(block_q=8):
     return lambda v, s, l, a: ms_deform_attn_tpu(v, s, l, a, interpret=True, block_q=block_q)
-
-
-def _value_and_grads(fn, args, ct):
-    def run(args, ct):
-        out, vjp = jax.vjp(fn, *args)
-        return out, vjp(ct.astype(out.dtype))
-
-    return _jit(run)(tuple(args), ct)
 
 
 # --- the float64 PyTorch fixture ------------------------------------------------------------
@@ -46,46 +30,12 @@ def _value_and_grads(fn, args, ct):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
 def test_fixture_parity(dtype):
-    core, shapes = cases.fixture()
-    fn = lambda v, l, a: _kernel()(v, shapes, l, a)
-    with jax.enable_x64(dtype == "float64"):
-        loc_dtype = "float64" if dtype == "float64" else "float32"
-        args = (jnp.asarray(core["value"], dtype), jnp.asarray(core["sampling_locations"], loc_dtype),
-                jnp.asarray(core["attention_weights"], dtype))
-        out, grads = _value_and_grads(fn, args, jnp.asarray(core["cotangent"], dtype))
-        assert out.dtype == jnp.dtype(dtype) and grads[0].dtype == jnp.dtype(dtype)
-        assert grads[1].dtype == jnp.dtype(loc_dtype) and grads[2].dtype == jnp.dtype(dtype)
-    close(out, core["output"], TOL[dtype], "output")
-    for g, name in zip(grads, GRADS):
-        close(g, core[name], TOL[dtype], name)
+    cases.check_fixture_parity(_kernel(), dtype)
 
 
 def test_fused_fixture_parity_float64():
-    """The fixture's weights are a softmax over L*P, so ``logits = log(weights)`` and offsets
-    ``(loc - ref) * (W, H)`` reproduce it; the expected gradients follow by the chain rule."""
-    core, shapes = cases.fixture()
-    rng = np.random.default_rng(5)
-    loc, attn, g_loc, g_attn = (core[k] for k in (
-        "sampling_locations", "attention_weights", "grad_sampling_locations", "grad_attention_weights"))
-    b, q, m, n_l, n_p, _ = loc.shape
-    norm = np.array([[w, h] for h, w in shapes], np.float64)[None, None, None, :, None]
-    ref_pts = rng.uniform(size=(b, q, 2))
-    offsets = (loc - ref_pts[:, :, None, None, None]) * norm
-    logits = np.log(attn).reshape(b, q, m, n_l * n_p)
-    a, ga = attn.reshape(b, q, m, -1), g_attn.reshape(b, q, m, -1)
-    expected = {
-        "value": core["grad_value"],
-        "reference points": g_loc.sum(axis=(2, 3, 4)),
-        "offsets": g_loc / norm,
-        "logits": a * (ga - (a * ga).sum(-1, keepdims=True)),
-    }
-    fn = lambda v, r, o, z: ms_deform_attn_fused_tpu(v, shapes, r, o, z, interpret=True, block_q=8)
-    with jax.enable_x64(True):
-        args = [jnp.asarray(x, jnp.float64) for x in (core["value"], ref_pts, offsets, logits)]
-        out, grads = _value_and_grads(fn, args, jnp.asarray(core["cotangent"], jnp.float64))
-    close(out, core["output"], TOL["float64"], "output")
-    for g, (name, e) in zip(grads, expected.items()):
-        close(g, e, TOL["float64"], f"grad {name}")
+    cases.check_fused_fixture_parity(
+        lambda v, s, r, o, z: ms_deform_attn_fused_tpu(v, s, r, o, z, interpret=True, block_q=8))
 
 
 # --- edge cases and kinks against the XLA core ----------------------------------------------
@@ -96,48 +46,15 @@ def test_edge_cases_match_xla_including_kinks(dtype):
     """Off-map, far, non-finite, crowded and kink locations (pixel centres and support borders,
     exact in float32), a 1x1 and an odd level: every gradient entry, kinks included, agrees
     with the XLA core (float32 reference on the same rounded inputs)."""
-    rng = np.random.default_rng(0)
-    value = jnp.asarray(rng.normal(size=(B, S, M, DH)), dtype)
-    loc = cases.edge_locations(rng)
-    attn = jnp.asarray(rng.uniform(size=(B, Q, M, L, P)), dtype)
-    ct = jnp.asarray(rng.normal(size=(B, Q, M * DH)), dtype)
-    fn = lambda v, l, a: _kernel()(v, EDGE_SHAPES, l, a)
-    out, (g_v, g_l, g_a) = _value_and_grads(fn, (value, jnp.asarray(loc), attn), ct)
-    assert out.dtype == value.dtype and g_v.dtype == value.dtype and g_a.dtype == attn.dtype
-    assert g_l.dtype == jnp.float32
-    f32 = lambda x: jnp.asarray(x, jnp.float32)
-    ref = lambda v, l, a: ms_deform_attn_xla(v, EDGE_SHAPES, l, a)
-    r_out, r_grads = _value_and_grads(ref, (f32(value), jnp.asarray(loc), f32(attn)), f32(ct))
-    close(out, r_out, TOL[dtype], "output")
-    for g, r, name in zip((g_v, g_l, g_a), r_grads, ("value", "locations", "weights")):
-        close(g, r, TOL[dtype], f"grad {name}")
-    cases.check_nonfinite(loc, g_l, g_a)
+    cases.check_edge_cases(lambda v, l, a: _kernel()(v, EDGE_SHAPES, l, a), dtype)
 
 
 def test_kink_convention_by_hand():
-    cases.check_kink_convention(_kernel(), _jit)
+    cases.check_kink_convention(_kernel(), jit)
 
 
 def test_fused_edge_cases_match_xla_fused():
-    rng = np.random.default_rng(2)
-    value = jnp.asarray(rng.normal(size=(B, S, M, DH)), jnp.float32)
-    ref_pts = rng.uniform(size=(B, Q, 2)).astype(np.float32)
-    norm = np.array([[w, h] for h, w in EDGE_SHAPES], np.float32)[None, None, None, :, None]
-    offsets = (cases.edge_locations(rng) - ref_pts[:, :, None, None, None]) * norm
-    logits = (2 * rng.normal(size=(B, Q, M, L * P))).astype(np.float32)
-    ct = jnp.asarray(rng.normal(size=(B, Q, M * DH)), jnp.float32)
-    args = (value, jnp.asarray(ref_pts), jnp.asarray(offsets), jnp.asarray(logits))
-    fn = lambda v, r, o, z: ms_deform_attn_fused_tpu(v, EDGE_SHAPES, r, o, z, interpret=True, block_q=8)
-    out, grads = _value_and_grads(fn, args, ct)
-    ref = lambda v, r, o, z: ops.ms_deform_attn_fused(v, EDGE_SHAPES, r, o, z, impl="xla")
-    r_out, r_grads = _value_and_grads(ref, args, ct)
-    close(out, r_out, TOL["float32"], "output")
-    for g, r, name in zip(grads, r_grads, ("value", "reference points", "offsets", "logits")):
-        close(g, r, TOL["float32"], f"grad {name}")
-    bad = ~np.isfinite(offsets).all(-1)
-    assert bad.any() and np.abs(np.asarray(grads[2])[bad]).max() == 0.0
-    for g in grads:
-        assert np.isfinite(np.asarray(g)).all()
+    cases.check_fused_edge_cases(lambda v, r, o, z: ms_deform_attn_fused_tpu(v, EDGE_SHAPES, r, o, z, interpret=True, block_q=8))
 
 
 @pytest.mark.parametrize(
@@ -155,9 +72,9 @@ def test_random_shapes_match_xla(shapes, b, q, m, dh, p, dtype):
     if dh == 64:
         assert tpu.head_group(m, dh) == 2
     fn = lambda v, l, a: _kernel()(v, shapes, l, a)
-    out, grads = _value_and_grads(fn, (value, loc, attn), ct)
+    out, grads = value_and_grads(fn, (value, loc, attn), ct)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    r_out, r_grads = _value_and_grads(lambda v, l, a: ms_deform_attn_xla(v, shapes, l, a),
+    r_out, r_grads = value_and_grads(lambda v, l, a: ms_deform_attn_xla(v, shapes, l, a),
                                       (f32(value), loc, f32(attn)), f32(ct))
     close(out, r_out, TOL[dtype], "output")
     for g, r, name in zip(grads, r_grads, ("value", "locations", "weights")):
@@ -178,8 +95,8 @@ def test_rows_outside_the_band_are_not_read():
     attn = rng.uniform(size=(b, q, m, 1, p)).astype(np.float32)
     ct = jnp.asarray(rng.normal(size=(b, q, m * dh)), jnp.float32)
     args = (jnp.asarray(value), jnp.asarray(loc), jnp.asarray(attn))
-    out, grads = _value_and_grads(lambda v, l, a: _kernel()(v, shapes, l, a), args, ct)
-    r_out, r_grads = _value_and_grads(lambda v, l, a: ms_deform_attn_xla(v, shapes, l, a), args, ct)
+    out, grads = value_and_grads(lambda v, l, a: _kernel()(v, shapes, l, a), args, ct)
+    r_out, r_grads = value_and_grads(lambda v, l, a: ms_deform_attn_xla(v, shapes, l, a), args, ct)
     assert np.isfinite(np.asarray(out)).all()
     close(out, r_out, TOL["float32"], "output")
     for g, r, name in zip(grads, r_grads, ("value", "locations", "weights")):
