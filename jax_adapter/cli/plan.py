@@ -71,7 +71,8 @@ def format_report(r: Dict[str, Any]) -> str:
         verdict = "fits" if fits["device"] else "DOES NOT FIT"
         if fits["device"] and fits.get("default_pool") is False:
             verdict = "fits only above JAX's default 75% (set XLA_PYTHON_CLIENT_MEM_FRACTION)"
-        lines.append(f"\n{name}: peak {_gib(m['peak'])} a device: {verdict}")
+        least = "at least " if "temporaries" in m.get("reported_by", "") else ""
+        lines.append(f"\n{name}: peak {least}{_gib(m['peak'])} a device: {verdict}")
         if "error" in p:
             lines.append(f"  {p['error']}")
         else:

@@ -27,9 +27,14 @@ PROGRAMS = ("forward", "train")
 # dots find no tiling ("Couldn't find output tile sizes"), so plans compile GEMMs to cuBLAS.
 GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-# libtpu refuses programs that do not fit: "Ran out of memory in memory space hbm. Used 20.51G of
-# 15.75G hbm. Exceeded hbm capacity by 4.76G."
-_TPU_OOM = re.compile(r"Ran out of memory in memory space (\w+)\. Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])?")
+# libtpu refuses programs that do not fit, in one of two messages: "Ran out of memory in memory
+# space hbm. Used 20.51G of 15.75G hbm. ..." or "Ran out of memory on HBM, the total memory
+# required for HLO temporaries (16.94G) exceeds available HBM (15.75G)."
+_TPU_OOM = (
+    (re.compile(r"Ran out of memory in memory space hbm\. Used ([\d.]+)([KMGT])? of"), "peak"),
+    (re.compile(r"Ran out of memory on HBM, the total memory required for HLO temporaries "
+                r"\(([\d.]+)([KMGT])?\)"), "temporaries"),
+)
 
 
 def _forward(cfg: Any, devices: Sequence[Any], batch: int, size: Tuple[int, int]):
@@ -73,6 +78,19 @@ def _train(cfg: Any, devices: Sequence[Any], batch: int, size: Tuple[int, int], 
 
 def _bytes(value: str, unit: Optional[str]) -> int:
     return int(float(value) * _UNITS.get(unit or "", 1))
+
+
+def out_of_memory(message: str) -> Optional[Dict[str, Any]]:
+    """The memory record of libtpu's refusal to compile a program that does not fit, or None
+    for any other error. The refusal names the peak, or the temporaries alone (the peak is then
+    at least that)."""
+    for pattern, what in _TPU_OOM:
+        m = pattern.search(message)
+        if m:
+            size = _bytes(m.group(1), m.group(2))
+            return {"peak": size, "temporaries": size if what == "temporaries" else None,
+                    "reported_by": f"libtpu's refusal ({what})"}
+    return None
 
 
 def _memory(compiled: Any) -> Dict[str, Optional[int]]:
@@ -149,11 +167,11 @@ def compile_program(program: str, cfg: Any, devices: Sequence[Any], *, batch: in
     try:
         compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
     except Exception as e:  # noqa: BLE001 - only libtpu's out-of-memory refusal is a result
-        m = _TPU_OOM.search(str(e))
-        if m is None or m.group(1) != "hbm":
+        memory = out_of_memory(str(e))
+        if memory is None:
             raise
         record.update(compile_s=round(time.perf_counter() - t0, 2), error=" ".join(str(e).split())[:300],
-                      memory={"peak": _bytes(m.group(2), m.group(3)), "reported_by": "libtpu's refusal"})
+                      memory=memory)
         return record
     record["compile_s"] = round(time.perf_counter() - t0, 2)
     record["memory"] = _memory(compiled)

@@ -12,6 +12,8 @@ import jax_adapter
 from jax_adapter.convert.keys import to_state_dict
 from tests.helpers import FIXTURES, load_npz, run_cli
 
+pytestmark = pytest.mark.torch
+
 TINY_PTH = str(FIXTURES / "seed_adapter_tiny.pth")
 TINY_CFG = str(FIXTURES / "seed_adapter_tiny.json")
 
@@ -19,6 +21,7 @@ TINY_CFG = str(FIXTURES / "seed_adapter_tiny.json")
 run = run_cli
 
 
+@pytest.mark.slow
 def test_convert_then_load_pretrained_matches_reference(tmp_path, capsys):
     dst = str(tmp_path / "ckpt")
     rc, out, err = run(["convert", TINY_PTH, dst, "--config", TINY_CFG], capsys)

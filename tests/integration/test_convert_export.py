@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 import jax_adapter
 from tests.helpers import FIXTURES, load_npz, run_cli, run_cli_ok
 
+pytestmark = pytest.mark.torch
+
 TINY_PTH = str(FIXTURES / "seed_adapter_tiny.pth")
 TINY_CFG = str(FIXTURES / "seed_adapter_tiny.json")
 HUB_PTH = str(FIXTURES / "dinov2_tiny_reg4.pth")

@@ -15,6 +15,8 @@ from jax_adapter.convert.keys import slots, to_state_dict
 from jax_adapter.models.build import abstract_model
 from tests.helpers import FIXTURES, load_npz, run_cli, run_cli_ok
 
+pytestmark = pytest.mark.torch
+
 TINY_PTH = str(FIXTURES / "seed_adapter_tiny.pth")
 TINY_CFG = str(FIXTURES / "seed_adapter_tiny.json")
 # Trunk outputs are LayerNorm-ed tokens, O(1): a float32 port lands within 1e-4 absolute.

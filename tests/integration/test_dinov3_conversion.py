@@ -21,6 +21,8 @@ from jax_adapter import DinoV3Adapter
 from tests.helpers import FIXTURES, convert_without_torch, load_npz, run_cli, run_cli_ok
 from tests.helpers import write_segmentor
 
+pytestmark = [pytest.mark.torch, pytest.mark.hf]
+
 MLP = FIXTURES / "dinov3_tiny_mlp.pth"
 SWIGLU = FIXTURES / "dinov3_tiny_swiglu64.pth"
 ADAPTER = FIXTURES / "dinov3_adapter_tiny.pth"
@@ -119,6 +121,7 @@ def _check_adapter_outputs(model) -> None:
                                        atol=ATOL, rtol=0, err_msg=f"input{i} f{j + 1}")
 
 
+@pytest.mark.slow
 def test_adapter_and_segmentor_convert_and_match_reference(tmp_path, capsys, segmentor):
     a, b = str(tmp_path / "adapter"), str(tmp_path / "segmentor")
     prov = run_cli_ok(["convert", str(ADAPTER), a], capsys)

@@ -1,6 +1,7 @@
 """``jax-adapter train`` on the tiny DINOv3 adapter: the loss falls, the trunk is frozen (no
 optimizer state, bit-identical after training) whatever ``--freeze-trunk`` says."""
 
+import pytest
 import json
 import os
 
@@ -17,6 +18,7 @@ from jax_adapter.training.synthetic import SegmentationModel, segmentation_loss
 from tests.helpers import run_cli
 
 
+@pytest.mark.slow
 def test_train_cli_tiny_dinov3_adapter(tmp_path, capsys):
     workdir = str(tmp_path / "run")
     rc, out, err = run_cli(["train", "--preset", "dinov3_tiny_adapter", "--batch", "2", "--image-size", "64x64",

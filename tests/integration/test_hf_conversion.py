@@ -20,6 +20,8 @@ from jax_adapter.convert.keys import to_state_dict
 from jax_adapter.cli import main
 from tests.helpers import convert_without_torch
 
+pytestmark = [pytest.mark.torch, pytest.mark.hf]
+
 # last_hidden_state is LayerNorm-ed, O(1); float32 ports agree to ~1e-6, the resize included.
 ATOL = 1e-4
 # 56 = the 4x4 pretraining grid (no resize); 70x98 (5x7) and 42x112 (3x8) resize up and down.
@@ -166,6 +168,7 @@ def test_bare_safetensors_needs_heads_or_config(tmp_path, capsys):
     assert jax_adapter.load_pretrained(dst).cfg.pos_embed_resize == "bicubic_size"
 
 
+@pytest.mark.slow
 def test_hf_trunk_into_fresh_adapter(tmp_path, capsys):
     """Without --trunk-only an HF trunk becomes a DinoAdapter whose adapter is fresh."""
     _build("registers", tmp_path / "hf", num_hidden_layers=4)

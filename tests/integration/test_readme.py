@@ -23,6 +23,7 @@ README's test-install commands.
 
 from __future__ import annotations
 
+import pytest
 import contextlib
 import dataclasses
 import io
@@ -220,6 +221,7 @@ def test_ci_runs_the_readme_install_and_test_commands():
     assert any(r.replace(" ", "").startswith("torch==") for r in extras["test"]), extras["test"]
 
 
+@pytest.mark.slow
 def test_readme_blocks_run_in_order(tmp_path):
     blocks = parse_readme(README.read_text())
     work = tmp_path / "clone"

@@ -129,6 +129,7 @@ def fixture_step():
     return table, io, state, metrics
 
 
+@pytest.mark.slow
 def test_train_step_loss_gradients_and_batchnorm_match_the_fixture(fixture_step):
     # Tolerances as in tests/parity/test_train_step.py: loss 1e-4 relative; every gradient 1e-3 relative
     # to its array's largest value; BatchNorm running statistics rtol 1e-5, atol 1e-6.
@@ -185,6 +186,7 @@ def _mentions_trunk(names) -> bool:
     return any(a == "backbone" and b in training.TRUNK_NAMES for a, b in zip(names, names[1:]))
 
 
+@pytest.mark.slow
 def test_frozen_trunk_is_bit_identical_and_has_no_optimizer_state(frozen_runs):
     _, initial, state, step = frozen_runs[False]
     model = step.model(state)

@@ -52,6 +52,7 @@ def _losses(records):
     return {r["step"]: r["loss"] for r in records}
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_give_the_same_losses_and_batchnorm_statistics(train):
     one, _, wd1 = train("one", *COMMON, "--devices", "1")
     eight, _, wd8 = train("eight", *COMMON, "--devices", "8")
@@ -78,6 +79,7 @@ def rel_max(x, y) -> float:
     return float(np.abs(x - y).max() / max(np.abs(x).max(), 1e-30))
 
 
+@pytest.mark.slow
 def test_stop_and_resume_repeats_the_uninterrupted_losses(train):
     full, _, wd_full = train("one", *COMMON, "--devices", "1")
     first, _, wd = train("first_part", *COMMON, "--devices", "1", "--stop-after", "2")
@@ -95,6 +97,7 @@ def test_stop_and_resume_repeats_the_uninterrupted_losses(train):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_bfloat16_training_runs_50_steps_with_falling_loss(train):
     records, _, wd = train("bf16", "--preset", "tiny", "--bf16", "--steps", "50", "--batch", "4",
                            "--image-size", "56x84", "--lr", "5e-4", "--devices", "1")
@@ -121,6 +124,7 @@ def test_bad_options_fail_with_one_line_and_exit_code_2(args, message):
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_workdir_with_checkpoints_needs_resume_and_the_same_options(train):
     _, _, wd = train("one", *COMMON, "--devices", "1")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -133,6 +137,8 @@ def test_workdir_with_checkpoints_needs_resume_and_the_same_options(train):
     assert proc.returncode == 2 and "differ from the run" in proc.stderr and "seed" in proc.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_give_the_same_losses_as_one(train, tmp_path):
     # Multi-host data parallelism, emulated by two CPU processes on this machine (one device
     # each, collectives over gloo): each process generates its half of the global batch.

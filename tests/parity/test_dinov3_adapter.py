@@ -126,6 +126,7 @@ def test_model_refuses_small_images_before_running(model):
         model(jnp.zeros((1, 3, 64, 64)))
 
 
+@pytest.mark.slow
 def test_trunk_stays_frozen_and_in_eval_mode(model):
     """Differentiating every parameter gives exactly zero on the trunk (it runs under
     stop_gradient), and train mode does not reach the trunk."""

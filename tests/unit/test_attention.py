@@ -14,6 +14,8 @@ from jax_adapter.nn import attention as att
 from jax_adapter.nn.attention import (AttentionFallbackWarning, choose_implementation,
                                       chunked_attention, dot_product_attention, xla_attention)
 
+pytestmark = pytest.mark.torch
+
 # float32 against float32: both compute the same sums in another order.
 F32_TOL = 1e-5
 # bfloat16 inputs against the float32 reference on the same (bfloat16-rounded) values: the output

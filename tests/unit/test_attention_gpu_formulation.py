@@ -98,6 +98,7 @@ def test_custom_scale_and_large_logits():
         assert rel_err(a, r) < F64_TOL_F32 * 4, name
 
 
+@pytest.mark.slow
 def test_blocks_agree_with_one_block():
     # Every block size (with a zero-padded last block) gives the one-block values.
     q, k, v, g = inputs(n=41, h=2, seed=3)

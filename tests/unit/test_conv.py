@@ -11,6 +11,8 @@ from jax import lax
 from jax_adapter.nn import conv as conv_ops
 from jax_adapter.nn.conv import depthwise_conv3x3, max_pool3x3s2
 
+pytestmark = pytest.mark.torch
+
 # float32, the same sums in another order.
 ATOL = 1e-5
 

@@ -40,6 +40,7 @@ def test_any_size_jits_with_geometry_shapes(tiny, size):
     assert all(bool(jnp.isfinite(f).all()) for f in out.features)
 
 
+@pytest.mark.slow
 def test_add_vit_feature_is_defined_for_patch_14():
     model = DinoAdapter(TINY.replace(add_vit_feature=True), rngs=nnx.Rngs(0))
     base = DinoAdapter(TINY, rngs=nnx.Rngs(0))

@@ -159,3 +159,27 @@ def test_the_checkers_can_fail(tmp_path):
     graph = import_graph(files)
     assert graph["jax_adapter.sub.b"] == {"jax_adapter.c"}
     assert cycles(graph) == [["jax_adapter.a", "jax_adapter.c", "jax_adapter.sub.b"]]
+
+
+def _backend_reads(root: pathlib.Path, folders=("jax_adapter", "convert")) -> List[str]:
+    """Calls of ``jax.default_backend()`` in library code (the command line's messages aside)."""
+    found = []
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            if rel.startswith("jax_adapter/cli/"):
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr == "default_backend"):
+                    found.append(f"{rel}:{node.lineno}")
+    return found
+
+
+def test_dispatch_reads_the_compilation_target_not_the_backend(tmp_path):
+    # Which kernel or formulation runs is decided from jax_adapter.compilation, so that a
+    # program compiled for another platform takes that platform's paths.
+    assert _backend_reads(ROOT) == []
+    (tmp_path / "jax_adapter").mkdir()
+    (tmp_path / "jax_adapter" / "x.py").write_text("import jax\nif jax.default_backend() == 'gpu':\n    pass\n")
+    assert _backend_reads(tmp_path, ("jax_adapter",)) == ["jax_adapter/x.py:2"]

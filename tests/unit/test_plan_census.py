@@ -1,4 +1,5 @@
-"""The kernel census of compiled programs, on hand-written optimised HLO of both platforms."""
+"""The kernel census of compiled programs, on hand-written optimised HLO of both platforms, and
+libtpu's out-of-memory refusals read as plans."""
 
 from jax_adapter.plan.census import census
 
@@ -79,3 +80,17 @@ def test_tpu_program():
 
 def test_empty_text():
     assert census("")["kernels"] == 0
+
+
+def test_libtpu_out_of_memory_refusals_are_read():
+    from jax_adapter.plan.programs import out_of_memory
+
+    m = out_of_memory("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                      "temporaries (16.94G) exceeds available HBM (15.75G).")
+    assert m["peak"] == m["temporaries"] == int(16.94 * (1 << 30)) and "temporaries" in m["reported_by"]
+    m = out_of_memory("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+                      "hbm. Used 20.51G of 15.75G hbm. Exceeded hbm capacity by 4.76G.")
+    assert m["peak"] == int(20.51 * (1 << 30)) and m["temporaries"] is None
+    # VMEM (a kernel's block) and anything else are errors, not plans
+    assert out_of_memory("Ran out of memory in memory space vmem. Used 256.00M of 128.00M vmem.") is None
+    assert out_of_memory("INTERNAL: something else") is None

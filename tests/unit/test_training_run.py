@@ -88,6 +88,7 @@ def _modes(model) -> set:
     return found
 
 
+@pytest.mark.slow
 def test_a_run_resumes_extends_and_gives_the_trained_model(tmp_path):
     log, seen = [], []
     trainer = _trainer(tmp_path, log, stop_after=2)
