@@ -132,14 +132,16 @@ def ratio(results: Dict[str, Dict[str, Any]], ours: str, peer: str) -> float:
     return results[ours]["median_s"] / results[peer]["median_s"]
 
 
-def restart_with(env: Dict[str, str]) -> None:
-    """Re-execute this program with ``env`` added to its environment (settings that must be in
-    place before the process starts, such as the allocator's). Does not return."""
+def restart_with(env: Dict[str, str], drop: Sequence[str] = ()) -> None:
+    """Re-execute this program with ``env`` added to its environment and ``drop`` removed from it
+    (settings that must be in place before the process starts, such as the allocator's). Does
+    not return."""
     import sys
 
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **env})
+    environ = {k: v for k, v in os.environ.items() if k not in drop}
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**environ, **env})
 
 
 def now() -> str:

@@ -6,7 +6,7 @@ The seed "DinoAdapter" is a DINOv2 ViT (patch 14) wrapped by a ViT-Adapter: a Sp
 it (``nn.Module``, NCHW, ``nn.Conv2d``/``nn.BatchNorm2d``/``nn.LayerNorm``/``nn.Linear``, attention
 through ``F.scaled_dot_product_attention``), so that the benchmarks can time "the PyTorch model this
 library replaces". It was written for this project's benchmarks following ``docs/SPEC.md``
-(sections 1-5 and 7) and is checked against the reference fixtures by ``tests/test_torch_peer.py``.
+(sections 1-5 and 7) and is checked against the reference fixtures by ``tests/parity/test_torch_peer.py``.
 
 Its ``state_dict()`` keys are the seed's (no prefix), so a seed checkpoint loads with
 ``strict=True``. Shapes follow the reference, not ``h // 8`` arithmetic: every level size is read

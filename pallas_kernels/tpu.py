@@ -57,7 +57,7 @@ chunk of rows (``0 * nan``), whereas the XLA core reads only the corners it need
 ``[B, S, M*Dh]`` view of ``value`` is free where the value comes from a projection (as in the
 model); a standalone ``[B, S, M, Dh]`` array may be relaid out by XLA first.
 
-This module imports nothing of the project (``tests/test_layout.py``).
+This module imports nothing of the project (``tests/unit/test_layout.py``).
 """
 
 from __future__ import annotations

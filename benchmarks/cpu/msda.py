@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 Levels = Tuple[Tuple[int, int], ...]
 
-# Seed shapes: ViT-S adapter at 256x704, B=6 cameras. The injector queries are the 17x57 ViT
+# Seed shapes: ViT-S adapter at 256x704, B=6 cameras. The injector queries are the 19x51 ViT
 # tokens over the three SPM levels; the extractor queries are the SPM tokens over the ViT map.
 SHAPES: Dict[str, Tuple[int, Levels]] = {
     "injector": (969, ((34, 90), (17, 45), (9, 23))),

@@ -400,8 +400,8 @@ def main(argv=None) -> None:
                          "split: jax.jit of a pure function of the split state (as TrainStep)")
     ap.add_argument("--out", default=None, help="results file (default results/train_step-cpu.json)")
     args = ap.parse_args(argv)
-    if args.allocator == "default" and memory.status()["applied"]:
-        restart_with({memory.OPT_OUT: "0"})
+    if args.allocator == "default" and os.environ.get(memory.OPT_OUT) != "0":
+        restart_with({memory.OPT_OUT: "0"}, drop=memory.RETAIN_FREED_MEMORY)
     torch.set_num_threads(args.threads)
     cfg = AdapterConfig.preset("dinov2_vits14")
     args.batch, args.size, args.forward_sizes = 2, (256, 704), [(256, 704), (900, 1600)]

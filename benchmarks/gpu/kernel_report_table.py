@@ -7,7 +7,7 @@ shared memory. This script combines a "before" run, an "after" run and any numbe
 other head widths into one JSON record and a Markdown table with the blocks per SM that the
 registers allow.
 
-    python benchmarks/gpu/kernel_report_table.py --before before.json --after after.json \\
+    python -m benchmarks.gpu.kernel_report_table --before before.json --after after.json \\
         --extra "DINOv3 dh=12" dinov3_12.json --extra "DINOv3 dh=32" dinov3_32.json ...
 """
 
@@ -78,12 +78,12 @@ machine, the Triton IR of each ``__gpu$xla.gpu.triton`` custom call is compiled 
 ``triton`` package's NVIDIA pipeline (TTIR -> TTGIR -> LLVM IR -> PTX -> cubin) and
 ``ptxas -v`` reports the resources. This is Triton's pipeline, not XLA's own (which compiles
 the same IR on a real GPU), so counts may differ there; a kernel that spills kilobytes here
-is in trouble there too. It says nothing about speed: ``benchmarks/gpu/validate.py`` measures
+is in trouble there too. It says nothing about speed: ``python -m benchmarks.gpu.validate`` measures
 that on a GPU.
 
 Reproduce: run the kernel report tool (``run.sh [--json F]`` from the project root; it builds
 a virtual environment with ``triton==3.9.0``), then
-``python benchmarks/gpu/kernel_report_table.py --before B.json --after A.json --extra LABEL
+``python -m benchmarks.gpu.kernel_report_table --before B.json --after A.json --extra LABEL
 F.json ...``. The DINOv3 rows come from the same tool with one more case,
 ``dinov3: q=3696, shapes=((16, 44),)`` (the one-level ViT-S/16 grid at 256x704, 32x88 +
 16x44 + 8x22 SPM queries), and ``--dims 6,16,<dh>,4``. Redo it whenever a kernel changes.

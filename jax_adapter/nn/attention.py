@@ -11,7 +11,7 @@ One function, four implementations, chosen statically from the platform, dtype a
   stay in cache instead of going through memory, and the backward rebuilds them from the saved
   log-sum-exp rather than storing them. Measured on a 2-core CPU at ``[2, 970, 6, 64]``, float32:
   forward+backward in 0.74x-0.97x the time of PyTorch's ``scaled_dot_product_attention``, where
-  ``jax.nn.dot_product_attention`` took 2x (``benchmarks/train_step.py``, section ``parts``).
+  ``jax.nn.dot_product_attention`` took 2x (``benchmarks/cpu/train_step.py``, section ``parts``).
 - ``"blocked"``: the GPU path where cuDNN cannot run (float32, head sizes cuDNN refuses, a
   refusal at trace time). FlashAttention-2's algorithm written with XLA ops, all heads of the
   batch at once: queries go in blocks whose ``[B, H, block, N]`` float32 logits stay under

@@ -98,7 +98,7 @@ def test_other_exceptions_are_bugs_and_keep_their_traceback(monkeypatch, exc):
 
 
 def test_library_code_raises_its_own_error_types_for_bad_input():
-    # pallas_kernels/ imports nothing of the project (tests/test_layout.py), so its few checks
+    # pallas_kernels/ imports nothing of the project (tests/unit/test_layout.py), so its few checks
     # raise plain ValueError; the model's calls reach it through jax_adapter.nn.msda.
     offenders = []
     for folder in ("jax_adapter", "convert"):
