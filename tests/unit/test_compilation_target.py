@@ -37,7 +37,7 @@ def test_no_target_is_the_default_backend():
 def test_cpu_target_choices():
     decisions, _, text = _decisions("cpu")
     calls = 2 * 4 + 2  # an injector and an extractor per interaction, two extra extractors
-    assert decisions == {"msda": {"xla_cpu": calls}, "attention": {"chunked": 4},
+    assert decisions == {"msda": {"xla_cpu": calls}, "attention": {"chunked": 4}, "conv_1x1": {"dot": 4},
                          "conv_pool": {"cpu_formulations": decisions["conv_pool"]["cpu_formulations"]}}
     assert "pallas_call" not in text
 
@@ -46,7 +46,7 @@ def test_gpu_target_choices():
     decisions, _, text = _decisions("gpu", cc="9.0")
     assert decisions["msda"] == {"pallas_triton": 10}
     assert decisions["attention"] == {"blocked": 4}  # float32: no cuDNN
-    assert set(decisions["conv_pool"]) == {"xla"}
+    assert set(decisions["conv_pool"]) == {"xla"} and "conv_1x1" not in decisions
     assert text.count("pallas_call") == 10  # the forward kernels, compiled (not interpreted)
 
 

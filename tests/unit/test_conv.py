@@ -10,6 +10,7 @@ from jax import lax
 
 from jax_adapter.nn import conv as conv_ops
 from jax_adapter.nn.conv import depthwise_conv3x3, max_pool3x3s2
+from tests.helpers import rel_err
 
 pytestmark = pytest.mark.torch
 
@@ -88,3 +89,61 @@ def test_models_use_the_cpu_formulations_only_on_cpu(monkeypatch):
     monkeypatch.setattr("jax_adapter.nn.layers.use_cpu_formulations", lambda: False)
     assert MaxPool3x3s2()(x).shape == (1, 3, 3, 2) and called == [1]
     assert conv_ops.use_cpu_formulations() == (jax.default_backend() == "cpu")
+
+
+# --- the banded kernel gradient of large convolutions -----------------------------------------
+
+
+def _conv64(x, k, stride):
+    """The convolution and its VJP in numpy float64, from the definition: zero padding 1."""
+    b, h, w, ci = x.shape
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+    taps = {(i, j): xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+            for i in range(3) for j in range(3)}
+    out = sum(np.einsum("bhwc,co->bhwo", t, k[i, j]) for (i, j), t in taps.items())
+    return out, taps
+
+
+@pytest.mark.parametrize("stride, bands", [(1, 4), (2, 3), (1, 1)])
+def test_banded_kernel_gradient_matches_float64(stride, bands):
+    """Every band split (including bands that do not divide the rows) gives the float64
+    definition's output, input gradient and kernel gradient."""
+    from jax_adapter.nn.conv import conv_banded
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 11, 9, 5))
+    k = rng.standard_normal((3, 3, 5, 4))
+    out64, taps = _conv64(x, k, stride)
+    g = rng.standard_normal(out64.shape)
+    dk64 = np.stack([np.einsum("bhwc,bhwo->co", taps[i, j], g) for i in range(3) for j in range(3)]).reshape(k.shape)
+    with jax.enable_x64(True):
+        f = lambda x, k: conv_banded(x, k, (stride, stride), ((1, 1), (1, 1)), bands)
+        out, vjp = jax.vjp(f, jnp.asarray(x), jnp.asarray(k))
+        dx, dk = vjp(jnp.asarray(g))
+        dx64 = jax.vjp(lambda x: jax.lax.conv_general_dilated(x, jnp.asarray(k), (stride, stride), ((1, 1), (1, 1)),
+                                                               dimension_numbers=("NHWC", "HWIO", "NHWC")),
+                       jnp.asarray(x))[1](jnp.asarray(g))[0]
+    assert rel_err(out, out64) < 1e-12 and rel_err(dk, dk64) < 1e-12 and rel_err(dx, dx64) < 1e-12
+    f32 = jax.vjp(lambda k: conv_banded(jnp.asarray(x, jnp.float32), k, (stride, stride), ((1, 1), (1, 1)), bands),
+                  jnp.asarray(k, jnp.float32))[1](jnp.asarray(g, jnp.float32))[0]
+    assert f32.dtype == jnp.float32 and rel_err(f32, dk64) < 1e-5
+
+
+def test_large_cpu_convolutions_take_the_banded_gradient():
+    import jax_adapter
+    from jax_adapter.nn import conv as conv_ops
+
+    x = jnp.zeros((2, 200, 100, 32))  # 40,000 output positions, 32 channels
+    k = jnp.zeros((3, 3, 32, 8))
+
+    def decisions(platform, x, k=k):
+        with jax_adapter.target(platform) as t:
+            jax.make_jaxpr(lambda x, k: conv_ops.conv_general_dilated(
+                x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")))(x, k)
+        return {site: dict(c) for site, c in t.decisions.items()}
+
+    assert decisions("cpu", x) == {"conv_kernel_grad": {"banded": 1}}
+    assert decisions("gpu", x) == {}
+    assert decisions("cpu", x[..., :16], k[:, :, :16]) == {}  # thin input
+    assert decisions("cpu", x[:1, :100]) == {}  # 10,000 positions: XLA's own
