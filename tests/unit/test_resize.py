@@ -1,6 +1,5 @@
 """``resize_nhwc`` (PyTorch's ``F.interpolate`` on NHWC maps) against PyTorch."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
