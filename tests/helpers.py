@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 from typing import Dict
 
 import numpy as np
@@ -19,6 +20,18 @@ FIXTURES = ROOT / "tests" / "fixtures"
 # mathematically zero gradient: the batch mean removes them, and the reference's stored values
 # are rounding noise. Relative error is meaningless there.
 ZERO_GRADIENT = ("spm.fc1.bias", "up.bias")
+
+
+# What native libraries log to stderr when a fresh process imports JAX, outside the program's
+# control: with JAX's CUDA plugin installed on a machine without a GPU (the test extra installs it
+# for the plan tests), the plugin's CUDA stub logs "Could not find cuda drivers" through absl.
+_NATIVE_LOG = re.compile(r"^([IWEF]\d{4} [\d:.]+ +\d+ [^ ]+:\d+\] |WARNING: All log messages before absl::InitializeLog\(\))")
+
+
+def program_stderr(stderr: str) -> list:
+    """The lines a fresh process wrote to stderr itself: absl-formatted lines of native libraries
+    (``I0000 00:00:...``) and absl's preamble removed."""
+    return [ln for ln in stderr.strip().splitlines() if not _NATIVE_LOG.match(ln)]
 
 
 def load_npz(name: str) -> dict:

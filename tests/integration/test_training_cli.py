@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from jax_adapter.training import Checkpoints
+from tests.helpers import program_stderr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Small and quick: tiny preset, 8 samples of 56x84 (one per device on 8 devices), drop path on
@@ -121,7 +122,8 @@ def test_bad_options_fail_with_one_line_and_exit_code_2(args, message):
     proc = subprocess.run([sys.executable, "-m", "jax_adapter.cli", "train", *args], cwd=ROOT,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    lines = program_stderr(proc.stderr)
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
 
 
 @pytest.mark.slow
