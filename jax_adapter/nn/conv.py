@@ -25,9 +25,14 @@ from jax import lax
 from jax_adapter import compilation
 
 
+def compiling_for_cpu() -> bool:
+    """Whether the current compilation target is a CPU (nothing recorded)."""
+    return compilation.current().platform == "cpu"
+
+
 def use_cpu_formulations() -> bool:
     """Whether the current compilation target is a CPU (recorded under ``"conv_pool"``)."""
-    cpu = compilation.current().platform == "cpu"
+    cpu = compiling_for_cpu()
     compilation.record("conv_pool", "cpu_formulations" if cpu else "xla")
     return cpu
 
@@ -161,16 +166,15 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     strides = tuple(int(s) for s in window_strides)
     pads = tuple((int(a), int(b)) for a, b in padding)
     kh, kw = rhs.shape[:2]
-    cpu = compilation.current().platform == "cpu"
+    cpu = compiling_for_cpu()
     if cpu and (kh, kw) == (1, 1) and strides == (1, 1) and pads == ((0, 0), (0, 0)):
         # A 1x1 convolution is a matrix product; XLA:CPU runs it (and its gradients) as one
         # several times faster (SPM fc1, 64->384 at 67x179, batch 2: 23 instead of 77 ms).
         compilation.record("conv_1x1", "dot")
         b, h, w, cin = lhs.shape
         return jnp.dot(lhs.reshape(-1, cin), rhs.reshape(cin, -1)).reshape(b, h, w, -1)
-    ho = (lhs.shape[1] + sum(pads[0]) - kh) // strides[0] + 1
-    wo = (lhs.shape[2] + sum(pads[1]) - kw) // strides[1] + 1
-    positions = lhs.shape[0] * ho * wo
+    b, ho, wo, _ = lax.conv_general_shape_tuple(lhs.shape, rhs.shape, strides, pads, _NHWC)
+    positions = int(b * ho * wo)
     if positions < BANDED_MIN_POSITIONS or lhs.shape[-1] < BANDED_MIN_CHANNELS or not cpu:
         return plain()
     compilation.record("conv_kernel_grad", "banded")
