@@ -35,21 +35,26 @@ def compute_dtype(dtype: Optional[DType]):
 def gelu(x: jax.Array) -> jax.Array:
     """Exact (erf) GELU, PyTorch's default; ``jax.nn.gelu`` defaults to the tanh form.
 
-    The values are ``jax.nn.gelu(x, approximate=False)``'s. The derivative is given in closed
-    form, ``Phi(x) + x phi(x)``, evaluated in float32 at least and stored in ``x.dtype``: a
+    ``0.5 x (1 + erf(x / sqrt 2))``, PyTorch's formula: ``jax.nn.gelu(x, approximate=False)``
+    writes it with ``erfc``, whose expansion is three times the size of ``erf``'s and is compiled
+    at every GELU of a step (tiny adapter's CPU train step: 14% fewer instructions, 13% less
+    compile time); the values differ by under 2 float32 ulps of ``max(|x|, 1)``. The derivative
+    is given in closed form, ``Phi(x) + x phi(x)``, evaluated in float32 at least and stored in ``x.dtype``: a
     training step keeps that one array for the backward, where differentiating the formula
     keeps two (XLA:GPU keeps ``x`` and ``erfc(-x / sqrt 2)``; ViT-B at 256x704, batch 6,
     float32: 72 MB more a trunk block).
     """
-    return jax.nn.gelu(x, approximate=False)
+    # In float32 at least and rounded once, as PyTorch's bfloat16 GELU does.
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return (0.5 * xf * (1 + jax.lax.erf(xf * (0.5 ** 0.5)))).astype(x.dtype)
 
 
 @gelu.defjvp
 def _gelu_jvp(primals, tangents):
     (x,), (t,) = primals, tangents
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    # d/dx [x/2 erfc(-x/sqrt2)] = erfc(-x/sqrt2)/2 + x exp(-x^2/2)/sqrt(2 pi)
-    slope = 0.5 * jax.lax.erfc(-xf * (0.5 ** 0.5)) + xf * jnp.exp(-0.5 * xf * xf) * ((2 * jnp.pi) ** -0.5)
+    # d/dx [x/2 (1 + erf(x/sqrt2))] = (1 + erf(x/sqrt2))/2 + x exp(-x^2/2)/sqrt(2 pi)
+    slope = 0.5 * (1 + jax.lax.erf(xf * (0.5 ** 0.5))) + xf * jnp.exp(-0.5 * xf * xf) * ((2 * jnp.pi) ** -0.5)
     # The barrier makes the slope one materialised array: without it XLA fuses the slope's
     # arithmetic into the backward and keeps x and erfc(x) for it instead (two arrays).
     slope = jax.lax.optimization_barrier(slope.astype(x.dtype))
