@@ -9,6 +9,13 @@ simulation's peak, with its size) and ``*after_optimizations.txt`` (each instruc
 ``op_name`` and ``stack_frame_id``, and the tables that turn a frame id into the Python call
 stack). Each buffer is attributed to a model part from its stack (trunk attention core, trunk
 MLP, injector/extractor pieces, SPM, ...) and to the innermost project source line.
+
+The heap simulation's live set is not what every backend reports as its peak: libtpu's
+``peak_memory_in_bytes`` follows the size of the temporary allocation, i.e. the highest
+``offset + size`` that the buffer assignment packs into it, fragmentation included. So the report
+also reads ``*after_optimizations-buffer-assignment.txt`` and lists the buffers that reach the top
+of the default memory's temporary allocation, with their live ranges and what lies below the
+highest one while it is live (``heap_top``; on a TPU, these set the peak).
 """
 
 from __future__ import annotations
@@ -177,10 +184,58 @@ def where(frames: List[Frame]) -> str:
     return next((f"{os.path.basename(f)}:{fn}:{ln}" for f, fn, ln in frames if any(p in f for p in PROJECT)), "-")
 
 
+_VALUE = re.compile(r" value: <\d+ (\S+?)(\{[0-9,]*\})? @0> \(size=(\d+),offset=(\d+)\): (\S+)")
+
+
+def parse_temp_allocation(text: str) -> Tuple[int, List[Tuple[str, int, int, str]]]:
+    """The default memory's preallocated temporary allocation (no ``color``): its size and its
+    values ``(buffer, offset, size, shape)``."""
+    m = re.search(r"^allocation \d+: size (\d+), preallocated-temp:\n((?: value:.*\n)+)", text, re.M)
+    if m is None:
+        return 0, []
+    values = []
+    for line in m.group(2).splitlines():
+        v = _VALUE.match(line)
+        if v:
+            values.append((v.group(1) + (v.group(2) or "{}"), int(v.group(4)), int(v.group(3)), v.group(5)))
+    return int(m.group(1)), values
+
+
+def parse_live_ranges(text: str) -> Dict[str, Tuple[int, int]]:
+    """Buffer -> (first, last) step of the program order."""
+    return {m.group(1) + (m.group(2) or "{}"): (int(m.group(3)), int(m.group(4)))
+            for m in re.finditer(r"^\s+(\S+?)(\{[0-9,]*\})?\s*:\s*(\d+)-(\d+)\s*$", text, re.M)}
+
+
+def heap_top(dump: str, live_text: str, instrs, tables, top: int = 12, min_bytes: int = 1 << 20) -> dict:
+    """The buffers reaching highest in the temporary allocation, and what is live below the
+    highest one (empty when the dump has no buffer-assignment file)."""
+    found = glob.glob(os.path.join(dump, "*after_optimizations-buffer-assignment.txt"))
+    if not found:
+        return {}
+    with open(max(found, key=os.path.getsize)) as f:
+        size, values = parse_temp_allocation(f.read())
+    ranges = parse_live_ranges(live_text)
+
+    def row(name, offset, nbytes, shape):
+        frames = stack(instrs.get(name.split("{")[0], ("", "", "", 0))[3], tables)
+        return {"buffer": name, "offset": offset, "bytes": nbytes, "end": offset + nbytes,
+                "shape": re.sub(r"\{[^}]*\}", "", shape), "live": ranges.get(name),
+                "part": part_of(frames), "where": where(frames)}
+
+    big = sorted((row(*v) for v in values if v[2] >= min_bytes), key=lambda r: -r["end"])
+    if not big or big[0]["live"] is None:
+        return {"temp_bytes": size, "top": big[:top], "below": []}
+    first, last = big[0]["live"]
+    below = [r for r in big if r["live"] and r["live"][0] <= last and r["live"][1] >= first and r is not big[0]]
+    return {"temp_bytes": size, "top": big[:top], "below": sorted(below, key=lambda r: r["offset"])}
+
+
 def report(dump: str) -> dict:
     live_path, hlo_path = find_module(dump)
     with open(live_path) as f:
-        step, items = parse_peak(f.read())
+        live_text = f.read()
+    step, items = parse_peak(live_text)
     with open(hlo_path) as f:
         hlo = f.read()
     tables, instrs = parse_tables(hlo), parse_instructions(hlo)
@@ -199,7 +254,8 @@ def report(dump: str) -> dict:
             "where": where(frames),
         })
     return {"module": os.path.basename(hlo_path), "peak_step": step, "live_bytes": sum(r["bytes"] for r in rows),
-            "parts": dict(_by(rows, "part").most_common()), "rows": rows}
+            "parts": dict(_by(rows, "part").most_common()), "rows": rows,
+            "heap_top": heap_top(dump, live_text, instrs, tables)}
 
 
 def _by(rows: List[dict], key: str) -> collections.Counter:
@@ -223,6 +279,15 @@ def main() -> None:
     print(f"\n{'innermost project line':60s} {'GB':>8s}")
     for w, b in _by(rep["rows"], "where").most_common(args.top):
         print(f"{w:60s} {b / 1e9:8.3f}")
+    ht = rep["heap_top"]
+    if ht.get("top"):
+        print(f"\ntop of the temporary allocation ({ht['temp_bytes'] / 1e6:.1f} MB): buffers by offset + size")
+        for r in ht["top"]:
+            print(f"  {r['end'] / 1e6:8.1f} MB  {r['bytes'] / 1e6:7.1f} MB at {r['offset'] / 1e6:7.1f}  "
+                  f"steps {r['live']}  {r['shape']:28s} {r['where']}")
+        print("  live below the highest one:")
+        for r in ht["below"]:
+            print(f"  {r['offset'] / 1e6:8.1f} MB +{r['bytes'] / 1e6:7.1f}  steps {r['live']}  {r['shape']:28s} {r['where']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rep, f, indent=1)

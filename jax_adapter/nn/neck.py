@@ -13,6 +13,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from jax_adapter.nn.geometry import AdapterGeometry
 from jax_adapter.nn.images import pad_bottom_right
@@ -67,17 +68,24 @@ class AdapterNeck(nnx.Module):
         self.norm4 = BatchNorm2d(embed_dim, param_dtype=pd)
 
     def neck_in(self, x: jax.Array, geom: AdapterGeometry) -> Tuple[jax.Array, jax.Array]:
-        """Padded images ``x [B, Hp, Wp, 3]`` (:func:`pad_input`) -> ``c1 [B, *c1, D]`` and the
-        level tokens ``c [B, c2+c3+c4, D]`` with their level embeddings."""
-        c1, c2, c3, c4 = self.spm(x, geom)
+        """Padded images ``x [B, Hp, Wp, 3]`` (:func:`pad_input`) -> the SPM's stride-4 stem map
+        ``s1 [B, *c1, inplanes]`` (``fc1`` is applied in :meth:`neck_out`) and the level tokens
+        ``c [B, c2+c3+c4, D]`` with their level embeddings."""
+        s1, c2, c3, c4 = self.spm.prior(x, geom)
         level_embed = self.level_embed[...].astype(c2.dtype)
         c = jnp.concatenate([c2 + level_embed[0], c3 + level_embed[1], c4 + level_embed[2]], axis=1)
-        return c1, c
+        return s1, c
 
-    def neck_out(self, c1: jax.Array, c: jax.Array, vit_maps: Sequence[jax.Array],
+    def neck_out(self, s1: jax.Array, c: jax.Array, vit_maps: Sequence[jax.Array],
                  geom: AdapterGeometry, *, add_vit_feature: bool) -> AdapterOutput:
-        """``c1``, the refined level tokens ``c`` and four ViT maps ``[B, Hv, Wv, D]`` -> f1..f4
-        and the last ViT map, cropped to the caller's image when it was padded."""
+        """The stem map ``s1`` from :meth:`neck_in`, the refined level tokens ``c`` and four ViT
+        maps ``[B, Hv, Wv, D]`` -> f1..f4 and the last ViT map, cropped to the caller's image
+        when it was padded."""
+        # c1 = fc1(s1) is needed only here. The barrier keeps XLA from computing it early and
+        # holding the D-channel map through the trunk (on a TPU its scheduler did, and that map
+        # sat under every attention's logits at the forward's peak).
+        s1, c = lax.optimization_barrier((s1, c))
+        c1 = self.spm.fc1(s1)
         b, d = c.shape[0], c.shape[-1]
         c2, c3, c4 = (
             c[:, start:start + n].reshape(b, hh, ww, d)

@@ -126,4 +126,18 @@ class PatchEmbed(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.proj(x)
+        # The stride-p convolution written as what it is, a matrix product over flattened
+        # patches ``[B, H/p, W/p, p*p*C] x [p*p*C, D]`` (the kernel's own [p, p, C, D] order):
+        # compiled for a TPU, the convolution form let XLA relay the 3-channel image out with the
+        # batch as its minor dimension, padded to 128 lanes (a 185 MB temporary for a 6x256x704
+        # bfloat16 batch, the adapter forward's peak), where the patches are a dense relayout.
+        # Rows and columns past the last whole patch are dropped, as the VALID convolution does.
+        conv = self.proj
+        b, h, w, c = x.shape
+        p = conv.kernel_size[0]
+        hp, wp = h // p, w // p
+        x, kernel, bias = conv.promote_dtype((x, conv.kernel[...], conv.bias[...]), dtype=conv.dtype)
+        x = x[:, :hp * p, :wp * p].reshape(b, hp, p, wp, p, c).transpose(0, 1, 3, 2, 4, 5)
+        y = jnp.matmul(x.reshape(b, hp, wp, p * p * c), kernel.reshape(p * p * c, -1),
+                       precision=conv.precision)
+        return y + bias

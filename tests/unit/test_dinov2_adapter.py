@@ -105,3 +105,28 @@ def test_vitb_preset_is_the_seed_detector_config():
                 deform_ratio=1.0, add_vit_feature=False, use_extra_extractor=True)
     cfg = AdapterConfig.preset("dinov2_vitb14")
     assert {k: getattr(cfg, k) for k in seed} == seed
+
+
+def _first_use(eqns, var) -> int:
+    return next(i for i, e in enumerate(eqns) if any(v is var for v in e.invars))
+
+
+@pytest.mark.parametrize("family", ["dinov2", "dinov3"])
+def test_fc1_runs_after_the_interactions(family):
+    """``c1 = spm.fc1(stem map)`` is formed after the interactions, behind an optimization barrier
+    on the final level tokens: XLA may not hold the D-channel stride-4 map through the trunk (on a
+    TPU its scheduler did, which set the adapter forward's peak)."""
+    import jax_adapter
+    model = jax_adapter.create_model(f"{family}_tiny_adapter")
+    graph, state = nnx.split(model)
+    leaves = nnx.to_flat_state(state)
+    paths = ["/".join(map(str, path)) for path, _ in leaves]
+    jaxpr = jax.make_jaxpr(lambda leaves, x: nnx.merge(graph, nnx.from_flat_state(leaves))(x))(
+        leaves, jnp.zeros((1, 64, 96, 3))).jaxpr
+    invars = dict(zip(paths, jaxpr.invars))
+    eqns = jaxpr.eqns
+    barriers = [i for i, e in enumerate(eqns) if e.primitive.name == "optimization_barrier"]
+    assert len(barriers) == 1, barriers
+    last = len(model.interactions) - 1
+    last_extractor = next(p for p in paths if p.startswith(f"interactions/{last}/extractor/"))
+    assert _first_use(eqns, invars[last_extractor]) < barriers[0] < _first_use(eqns, invars["spm/fc1/kernel"])

@@ -61,7 +61,7 @@ class DinoV2Adapter(AdapterNeck):
         cfg = self.cfg
         # Everything downstream runs in the compute dtype (outputs included).
         x = pad_input(images, geom, cfg.dtype)
-        c1, c = self.neck_in(x, geom)
+        s1, c = self.neck_in(x, geom)
         prefix, tokens, grid = embed_tokens(self, cfg.trunk_config(), x)
         assert grid == geom.vit_grid, (grid, geom.vit_grid)
         outs = []
@@ -69,7 +69,7 @@ class DinoV2Adapter(AdapterNeck):
             blocks = [self.blocks[j] for j in range(first, last + 1)]
             tokens, c, prefix = layer(tokens, c, prefix, blocks, geom)
             outs.append(tokens.reshape(b, *geom.vit_grid, cfg.embed_dim))
-        return self.neck_out(c1, c, outs, geom, add_vit_feature=cfg.add_vit_feature)
+        return self.neck_out(s1, c, outs, geom, add_vit_feature=cfg.add_vit_feature)
 
 
 # The seed's and this library's earlier name.

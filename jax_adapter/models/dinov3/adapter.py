@@ -116,9 +116,9 @@ class DinoV3Adapter(AdapterNeck):
         b, h, w, _ = images.shape
         geom = self.geometry(h, w)
         cfg = self.cfg
-        c1, c = self.neck_in(pad_input(images, geom, cfg.dtype), geom)
+        s1, c = self.neck_in(pad_input(images, geom, cfg.dtype), geom)
         outs = self.trunk_features(images, geom)
         for layer, vit in zip(self.interactions, outs):
             c = layer(c, vit.reshape(b, geom.num_vit_tokens, cfg.embed_dim), geom)
         # On the canvas (multiples of 32) every halving is exact: neck_out resizes nothing.
-        return self.neck_out(c1, c, outs, geom, add_vit_feature=cfg.add_vit_feature)
+        return self.neck_out(s1, c, outs, geom, add_vit_feature=cfg.add_vit_feature)
