@@ -1,9 +1,18 @@
 """PyTorch-exact resizes as static interpolation matrices.
 
-Sizes are static, so each resize is two small dense matrices built once in numpy (float64) from
-PyTorch's own index and weight formulas, applied with ``einsum``. This reproduces
-``F.interpolate`` to float rounding (``jax.image.resize`` differs from it by up to 0.9 for
-bicubic), and is differentiable and cheap at the sizes involved (position grids, feature maps).
+Sizes are static, so each resize is two small matrices built once in numpy (float64) from
+PyTorch's own index and weight formulas. This reproduces ``F.interpolate`` to float rounding
+(``jax.image.resize`` differs from it by up to 0.9 for bicubic) and is differentiable. Two
+formulations apply them, chosen from the compilation target:
+
+- ``"matmul"`` (accelerators): dense products with ``einsum``, for the MXU / tensor cores; no
+  gather.
+- ``"taps"`` (CPU): each matrix row has at most a few nonzeros (2 bilinear, 4 bicubic), so an
+  axis is resized as a sum over taps of ``take(x, index) * weight`` with static indices, and the
+  backward applies the transposed matrix the same way (a ``custom_vjp``: gathers, no
+  scatter-add). On CPU the dense product is a poorly shaped matmul (contraction 51, the channels
+  not minor): resizing a ``[1, 19, 51, 384]`` ViT map to 67x179 took 9.3 ms against 0.5 ms this
+  way (PyTorch's kernel: 3.4 ms).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_adapter import compilation
 from jax_adapter.errors import ConfigError, InputError
 
 
@@ -100,13 +110,70 @@ def resize_nhwc(
     if (h, w) == tuple(size) and scale_factor is None:
         return x
     sf = scale_factor or (None, None)
-    mh = interp_matrix(h, size[0], mode, sf[0], antialias)
-    mw = interp_matrix(w, size[1], mode, sf[1], antialias)
     dtype = jnp.promote_types(x.dtype, jnp.float32)
+    key_h = (h, size[0], mode, sf[0], antialias)
+    key_w = (w, size[1], mode, sf[1], antialias)
+    if compilation.record("resize", choose_formulation(compilation.current().platform)) == "taps":
+        y = _resize_axis(_resize_axis(x.astype(dtype), 1, key_h), 2, key_w)
+        return y.astype(x.dtype)
+    mh, mw = interp_matrix(*key_h), interp_matrix(*key_w)
     y = jnp.einsum("oh,bhwc->bowc", jnp.asarray(mh, dtype), x.astype(dtype),
                    precision=jax.lax.Precision.HIGHEST)
     y = jnp.einsum("pw,bowc->bopc", jnp.asarray(mw, dtype), y, precision=jax.lax.Precision.HIGHEST)
     return y.astype(x.dtype)
+
+
+def choose_formulation(platform: str) -> str:
+    """``"taps"`` when compiling for a CPU, ``"matmul"`` otherwise (see the module docstring)."""
+    return "taps" if platform == "cpu" else "matmul"
+
+
+@functools.lru_cache(maxsize=512)
+def matrix_taps(m_key: tuple, transpose: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """The nonzeros of ``interp_matrix(*m_key)`` (or of its transpose), row by row:
+    ``index [n_rows, k]`` and float64 ``weight [n_rows, k]``, ``k`` the most nonzeros in a row;
+    shorter rows are padded with index 0 and weight 0."""
+    m = interp_matrix(*m_key)
+    m = m.T if transpose else m
+    nz = [np.flatnonzero(row) for row in m]
+    k = max(1, max(len(c) for c in nz))
+    index = np.zeros((m.shape[0], k), np.int32)
+    weight = np.zeros((m.shape[0], k))
+    for i, cols in enumerate(nz):
+        index[i, :len(cols)] = cols
+        weight[i, :len(cols)] = m[i, cols]
+    return index, weight
+
+
+def _apply_taps(x: jax.Array, axis: int, m_key: tuple, transpose: bool) -> jax.Array:
+    """``M @ x`` along ``axis`` (``M^T`` if ``transpose``) as a sum over the taps of each row."""
+    index, weight = matrix_taps(m_key, transpose)
+    shape = [1] * x.ndim
+    shape[axis] = index.shape[0]
+    out = None
+    for t in range(index.shape[1]):
+        # Indices in range by construction: "clip" (folded away on constant indices) spares
+        # the bounds select of the default "fill".
+        taken = jnp.take(x, index[:, t], axis=axis, mode="clip", indices_are_sorted=True)
+        term = taken * jnp.asarray(weight[:, t].reshape(shape), x.dtype)
+        out = term if out is None else out + term
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _resize_axis(x: jax.Array, axis: int, m_key: tuple) -> jax.Array:
+    return _apply_taps(x, axis, m_key, False)
+
+
+def _resize_axis_fwd(x, axis, m_key):
+    return _apply_taps(x, axis, m_key, False), None
+
+
+def _resize_axis_bwd(axis, m_key, _, g):
+    return (_apply_taps(g, axis, m_key, True),)
+
+
+_resize_axis.defvjp(_resize_axis_fwd, _resize_axis_bwd)
 
 
 def resize_pos_embed(
