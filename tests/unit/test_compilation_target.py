@@ -38,7 +38,8 @@ def test_cpu_target_choices():
     decisions, _, text = _decisions("cpu")
     calls = 2 * 4 + 2  # an injector and an extractor per interaction, two extra extractors
     assert decisions == {"msda": {"xla_cpu": calls}, "attention": {"chunked": 4}, "conv_1x1": {"dot": 4},
-                         "conv_pool": {"cpu_formulations": decisions["conv_pool"]["cpu_formulations"]}}
+                         "conv_pool": {"cpu_formulations": decisions["conv_pool"]["cpu_formulations"]},
+                         "resize": {"taps": 2}}  # the tiny adapter's resizes that change a size
     assert "pallas_call" not in text
 
 
@@ -47,6 +48,7 @@ def test_gpu_target_choices():
     assert decisions["msda"] == {"pallas_triton": 10}
     assert decisions["attention"] == {"blocked": 4}  # float32: no cuDNN
     assert set(decisions["conv_pool"]) == {"xla"} and "conv_1x1" not in decisions
+    assert decisions["resize"] == {"matmul": 2}
     assert text.count("pallas_call") == 10  # the forward kernels, compiled (not interpreted)
 
 
@@ -55,6 +57,7 @@ def test_tpu_target_choices():
     assert decisions["msda"] == {"pallas_mosaic": 10}
     assert decisions["attention"] == {"xla": 4}
     assert set(decisions["conv_pool"]) == {"xla"}
+    assert decisions["resize"] == {"matmul": 2}
     assert "msda_tpu_forward" in text
 
 
