@@ -9,7 +9,7 @@ layer                  JAX leaf        PyTorch leaf         layout (JAX <- PyTor
 ``nnx.Linear``         kernel          weight               ``[in, out] <- [out, in]``
 ``nnx.Conv``           kernel          weight               ``HWIO <- OIHW``
 ``ConvTranspose2x2``   kernel          weight               ``[kh, kw, in, out] <- [in, out, kh, kw]``
-``nnx.LayerNorm``      scale           weight
+``LayerNorm``          scale           weight
 ``BatchNorm2d``        scale/mean/var  weight/running_*
 anything else          same name       same name
 =====================  ==============  ===================  ==========================
@@ -26,7 +26,7 @@ from flax import nnx
 from jax_adapter.checkpoint import cast_floats, dtype_by_name, is_float
 
 from .tensors import load
-from jax_adapter.nn.layers import BatchNorm2d, ConvTranspose2x2
+from jax_adapter.nn.layers import BatchNorm2d, ConvTranspose2x2, LayerNorm
 from jax_adapter.errors import ConversionError
 
 Path = Tuple
@@ -49,7 +49,7 @@ _LEAF_RULES: Dict[type, Dict[str, Tuple[str, Callable, Callable]]] = {
     nnx.Linear: {"kernel": ("weight", lambda a: a.T, lambda a: a.T)},
     nnx.Conv: {"kernel": ("weight", lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1))},
     ConvTranspose2x2: {"kernel": ("weight", lambda a: a.transpose(2, 3, 0, 1), lambda a: a.transpose(2, 3, 0, 1))},
-    nnx.LayerNorm: {"scale": ("weight", _same, _same)},
+    LayerNorm: {"scale": ("weight", _same, _same)},
     BatchNorm2d: {
         "scale": ("weight", _same, _same),
         "mean": ("running_mean", _same, _same),

@@ -1,4 +1,4 @@
-"""Formulations of the adapter's depthwise conv and max-pool whose XLA:CPU backward is fast.
+"""Formulations of the adapter's convolutions and max-pool whose XLA:CPU backward is fast.
 
 Same results as ``lax.conv_general_dilated`` / ``nnx.max_pool`` (up to float32 summation order),
 NHWC. Measured on a 2-core CPU, forward+backward, the shapes of the ViT-S adapter at 256x704,
@@ -9,6 +9,9 @@ batch 2:
 - ``max_pool3x3s2`` (the stem's pool, 64 channels at 133x357): XLA's ``select_and_scatter``
   backward made it 108 ms, here 29 ms: the backward routes each cotangent to the first maximal
   tap of its window (PyTorch's choice) with nine strided pads.
+- ``conv_general_dilated`` (the dense convs): 1x1 as a matrix product; the gradients of small
+  maps as products with the patch matrix (``conv_patches``), the kernel gradient of large ones
+  summed over bands of rows (``conv_banded``).
 
 ``use_cpu_formulations()`` says whether the models take these paths (when compiling for a CPU:
 on GPUs cuDNN's convolutions are the fast path, on TPUs XLA's).
@@ -107,6 +110,11 @@ max_pool3x3s2.defvjp(_pool_fwd, _pool_bwd)
 BAND_POSITIONS = 768
 BANDED_MIN_POSITIONS = 16384
 BANDED_MIN_CHANNELS = 32
+# Small maps (fewer than BANDED_MIN_POSITIONS output positions): both gradients as products with
+# the patch matrix [B*Ho*Wo, kh*kw*Cin] (at most PATCHES_MAX_ELEMENTS), which XLA:CPU runs
+# faster than its convolutions there. The SPM's stride-2 convs at batch 2, 256x704,
+# forward+backward (2-core EPYC): 256->256 at 9x23 13 -> 9.5 ms, 64->128 at 34x90 20.6 -> 19 ms.
+PATCHES_MAX_ELEMENTS = 1 << 24
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -147,11 +155,48 @@ def _banded_bwd(strides, padding, bands, res, g):
 conv_banded.defvjp(_banded_fwd, _banded_bwd)
 
 
+def _patches(x, kshape, strides, padding, out_hw):
+    """The ``kh * kw`` strided views of the padded input side by side: ``[B, Ho, Wo, kh*kw*Cin]``
+    (tap-major, as ``kernel.reshape(kh*kw*Cin, Cout)`` orders its rows)."""
+    kh, kw = kshape[:2]
+    (ho, wo), (sh, sw) = out_hw, strides
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    return jnp.concatenate([xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+                            for i in range(kh) for j in range(kw)], axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_patches(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
+    """NHWC conv (``kernel`` HWIO, explicit ``padding`` pairs) whose gradients are two matrix
+    products over the patch matrix of the input; values are XLA's own.
+    ``[B, H, W, Cin] -> [B, Ho, Wo, Cout]``."""
+    return _conv(x, kernel, strides, padding)
+
+
+def _patches_fwd(x, kernel, strides, padding):
+    return _conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _patches_bwd(strides, padding, res, g):
+    x, kernel = res
+    kk = kernel.reshape(-1, kernel.shape[-1])
+    p, p_vjp = jax.vjp(lambda x: _patches(x, kernel.shape, strides, padding, g.shape[1:3]), x)
+    g2 = g.reshape(-1, g.shape[-1])
+    acc = jnp.promote_types(kernel.dtype, jnp.float32)
+    dk = jnp.dot(p.reshape(g2.shape[0], -1).T, g2, preferred_element_type=acc)
+    # The patch matrix's transpose scatters each tap back with a strided pad: no scatter-add.
+    dx = p_vjp(jnp.dot(g2, kk.T).reshape(p.shape))[0]
+    return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+conv_patches.defvjp(_patches_fwd, _patches_bwd)
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """``lax.conv_general_dilated`` (the signature ``nnx.Conv`` calls), except that for a CPU an
-    NHWC 1x1 convolution is a matrix product (recorded under ``"conv_1x1"``) and a large one
-    takes :func:`conv_banded`: the same values and input gradient, a faster kernel gradient
+    NHWC 1x1 convolution is a matrix product (recorded under ``"conv_1x1"``), a small one takes
+    :func:`conv_patches` and a large one :func:`conv_banded`: the same values, faster gradients
     (recorded under ``"conv_kernel_grad"``)."""
     plain = lambda: lax.conv_general_dilated(  # noqa: E731
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
@@ -175,7 +220,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         return jnp.dot(lhs.reshape(-1, cin), rhs.reshape(cin, -1)).reshape(b, h, w, -1)
     b, ho, wo, _ = lax.conv_general_shape_tuple(lhs.shape, rhs.shape, strides, pads, _NHWC)
     positions = int(b * ho * wo)
-    if positions < BANDED_MIN_POSITIONS or lhs.shape[-1] < BANDED_MIN_CHANNELS or not cpu:
+    if not cpu:
+        return plain()
+    if positions < BANDED_MIN_POSITIONS and positions * kh * kw * lhs.shape[-1] <= PATCHES_MAX_ELEMENTS:
+        compilation.record("conv_kernel_grad", "patches")
+        return conv_patches(lhs, rhs, strides, pads)
+    if lhs.shape[-1] < BANDED_MIN_CHANNELS:
         return plain()
     compilation.record("conv_kernel_grad", "banded")
     return conv_banded(lhs, rhs, strides, pads, max(1, round(positions / BAND_POSITIONS)))

@@ -39,7 +39,9 @@ def test_cpu_target_choices():
     calls = 2 * 4 + 2  # an injector and an extractor per interaction, two extra extractors
     assert decisions == {"msda": {"xla_cpu": calls}, "attention": {"chunked": 4}, "conv_1x1": {"dot": 4},
                          "conv_pool": {"cpu_formulations": decisions["conv_pool"]["cpu_formulations"]},
-                         "resize": {"taps": 2}}  # the tiny adapter's resizes that change a size
+                         "resize": {"taps": 2},  # the tiny adapter's resizes that change a size
+                         "conv_kernel_grad": {"patches": 6},  # the SPM's 3x3 convs, all on small maps
+                         "layer_norm": {"fused_vjp": 34}}
     assert "pallas_call" not in text
 
 
@@ -49,6 +51,7 @@ def test_gpu_target_choices():
     assert decisions["attention"] == {"blocked": 4}  # float32: no cuDNN
     assert set(decisions["conv_pool"]) == {"xla"} and "conv_1x1" not in decisions
     assert decisions["resize"] == {"matmul": 2}
+    assert decisions["layer_norm"] == {"autodiff": 34}
     assert text.count("pallas_call") == 10  # the forward kernels, compiled (not interpreted)
 
 
@@ -58,6 +61,7 @@ def test_tpu_target_choices():
     assert decisions["attention"] == {"xla": 4}
     assert set(decisions["conv_pool"]) == {"xla"}
     assert decisions["resize"] == {"matmul": 2}
+    assert decisions["layer_norm"] == {"autodiff": 34}
     assert "msda_tpu_forward" in text
 
 

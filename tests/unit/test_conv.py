@@ -130,7 +130,36 @@ def test_banded_kernel_gradient_matches_float64(stride, bands):
     assert f32.dtype == jnp.float32 and rel_err(f32, dk64) < 1e-5
 
 
-def test_large_cpu_convolutions_take_the_banded_gradient():
+@pytest.mark.parametrize("stride, size", [(1, (7, 9)), (2, (11, 9)), (2, (4, 5))])
+def test_patch_matrix_gradients_match_float64(stride, size):
+    """Both gradients of :func:`conv_patches` (products with the patch matrix) against the
+    float64 definition; odd and even sizes at stride 2 (the last window reads the padding)."""
+    from jax_adapter.nn.conv import conv_patches
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, *size, 5))
+    k = rng.standard_normal((3, 3, 5, 4))
+    out64, taps = _conv64(x, k, stride)
+    g = rng.standard_normal(out64.shape)
+    dk64 = np.stack([np.einsum("bhwc,bhwo->co", taps[i, j], g) for i in range(3) for j in range(3)]).reshape(k.shape)
+    # dx from the definition: each tap's input pixels receive g @ k[i, j].T.
+    dxp = np.zeros((2, size[0] + 2 + stride, size[1] + 2 + stride, 5))
+    ho, wo = out64.shape[1:3]
+    for i in range(3):
+        for j in range(3):
+            dxp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride] += g @ k[i, j].T
+    dx64 = dxp[:, 1:1 + size[0], 1:1 + size[1]]
+    with jax.enable_x64(True):
+        out, vjp = jax.vjp(lambda x, k: conv_patches(x, k, (stride, stride), ((1, 1), (1, 1))), jnp.asarray(x), jnp.asarray(k))
+        dx, dk = vjp(jnp.asarray(g))
+    assert rel_err(out, out64) < 1e-12 and rel_err(dk, dk64) < 1e-12 and rel_err(dx, dx64) < 1e-12
+    x32, k32, g32 = (jnp.asarray(a, jnp.float32) for a in (x, k, g))
+    dx32, dk32 = jax.vjp(lambda x, k: conv_patches(x, k, (stride, stride), ((1, 1), (1, 1))), x32, k32)[1](g32)
+    assert dx32.dtype == dk32.dtype == jnp.float32
+    assert rel_err(dx32, dx64) < 1e-5 and rel_err(dk32, dk64) < 1e-5
+
+
+def test_cpu_convolutions_take_the_banded_or_patch_gradients():
     import jax_adapter
     from jax_adapter.nn import conv as conv_ops
 
@@ -146,4 +175,7 @@ def test_large_cpu_convolutions_take_the_banded_gradient():
     assert decisions("cpu", x) == {"conv_kernel_grad": {"banded": 1}}
     assert decisions("gpu", x) == {}
     assert decisions("cpu", x[..., :16], k[:, :, :16]) == {}  # thin input
-    assert decisions("cpu", x[:1, :100]) == {}  # 10,000 positions: XLA's own
+    # 10,000 positions: the patch-matrix gradients, for thin inputs too.
+    assert decisions("cpu", x[:1, :100]) == {"conv_kernel_grad": {"patches": 1}}
+    assert decisions("cpu", x[:1, :100, :, :3], k[:, :, :3]) == {"conv_kernel_grad": {"patches": 1}}
+    assert decisions("gpu", x[:1, :100]) == {}
