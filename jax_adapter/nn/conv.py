@@ -56,6 +56,13 @@ def depthwise_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = 
     return out.astype(x.dtype)
 
 
+def _window_taps(xp: jax.Array, kh: int, kw: int, strides, out_hw) -> list:
+    """The ``kh * kw`` strided views of a padded map, row-major in the window:
+    ``[B, Ho, Wo, C]`` each, view ``(i, j)`` holding input pixel ``(s*r + i, s*c + j)``."""
+    (sh, sw), (ho, wo) = strides, out_hw
+    return [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw] for i in range(kh) for j in range(kw)]
+
+
 def _pool_taps(x: jax.Array):
     """The nine stride-2 views of ``x`` padded with -inf: ``[B, ceil(H/2), ceil(W/2), C]`` each."""
     h, w = x.shape[1:3]
@@ -63,7 +70,7 @@ def _pool_taps(x: jax.Array):
     # One -inf row/column before, enough after for the last window (2*oh + 1 rows in all).
     xp = jnp.pad(x, ((0, 0), (1, 2 * oh - h), (1, 2 * ow - w), (0, 0)),
                  constant_values=-jnp.inf)
-    return [xp[:, i:i + 2 * oh:2, j:j + 2 * ow:2] for i in range(3) for j in range(3)]
+    return _window_taps(xp, 3, 3, (2, 2), (oh, ow))
 
 
 @jax.custom_vjp
@@ -158,11 +165,8 @@ conv_banded.defvjp(_banded_fwd, _banded_bwd)
 def _patches(x, kshape, strides, padding, out_hw):
     """The ``kh * kw`` strided views of the padded input side by side: ``[B, Ho, Wo, kh*kw*Cin]``
     (tap-major, as ``kernel.reshape(kh*kw*Cin, Cout)`` orders its rows)."""
-    kh, kw = kshape[:2]
-    (ho, wo), (sh, sw) = out_hw, strides
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    return jnp.concatenate([xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
-                            for i in range(kh) for j in range(kw)], axis=-1)
+    return jnp.concatenate(_window_taps(xp, kshape[0], kshape[1], strides, out_hw), axis=-1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
