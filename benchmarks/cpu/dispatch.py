@@ -23,14 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from benchmarks.cpu.step_forms import jax_step
 from benchmarks.common import check_quiet, load_average, machine_info, now, summary, write_record
 from jax_adapter import AdapterConfig, DinoAdapter
-from jax_adapter.training.params import trainable_filter
-
-
-def _loss(m, images, cots):
-    out = m(images)
-    return sum(jnp.vdot(o, c) for o, c in zip((*out.features, out.vit), cots))
 
 
 def main(argv=None) -> None:
@@ -49,30 +44,17 @@ def main(argv=None) -> None:
     images = jnp.zeros((1, 56, 84, 3), jnp.float32)
     out = model(images)
     cots = [jnp.ones(o.shape, o.dtype) for o in (*out.features, out.vit)]
-    filt = trainable_filter(not args.unfrozen)
-
-    @nnx.jit
-    def user_step(m, images, cots):
-        return nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, filt))(m, images, cots)
-
-    graph, params, rest = nnx.split(model, filt, ...)
-
-    @jax.jit
-    def split_step(params, rest, images, cots):
-        m = nnx.merge(graph, params, rest)
-        return nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, filt))(m, images, cots)
-
-    calls = {"nnx.jit": lambda: user_step(model, images, cots),
-             "jax.jit": lambda: split_step(params, rest, images, cots)}
+    frozen = not args.unfrozen
+    calls = {"nnx.jit": jax_step(model, frozen, "user")[0], "jax.jit": jax_step(model, frozen, "split")[0]}
     for f in calls.values():  # compile and warm up
-        jax.block_until_ready(f())
-        jax.block_until_ready(f())
+        jax.block_until_ready(f(images, cots))
+        jax.block_until_ready(f(images, cots))
     dispatch = {k: [] for k in calls}
     whole = {k: [] for k in calls}
     for _ in range(args.reps):
         for k, f in calls.items():
             t0 = time.perf_counter()
-            r = f()
+            r = f(images, cots)
             t1 = time.perf_counter()
             jax.block_until_ready(r)
             dispatch[k].append(t1 - t0)

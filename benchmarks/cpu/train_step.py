@@ -41,12 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.cpu.step_forms import LOOPS, jax_step
 from benchmarks.common import check_quiet, machine_info, now, race, rel_err, restart_with, write_record
 from jax_adapter import AdapterConfig, DinoAdapter
 from jax_adapter.convert.keys import load_state_dict, to_state_dict
 from jax_adapter import memory
 from jax_adapter.nn.attention import dot_product_attention
-from jax_adapter.training.params import trainable_filter
 
 try:
     import torch
@@ -124,36 +124,6 @@ def nhwc(t: "torch.Tensor") -> np.ndarray:
 # ------------------------------------------------------------------------------------------
 # Train step
 # ------------------------------------------------------------------------------------------
-
-def _loss(m, images, cots):
-    out = m(images)
-    return sum(jnp.vdot(o, c) for o, c in zip((*out.features, out.vit), cots))
-
-
-def jax_step(model: DinoAdapter, freeze: bool, loop: str):
-    """``(run(images, cots) -> (loss, grads), graph, rest)``: the forward+backward of the step.
-
-    ``loop="split"``: the model split once into graph and state, ``jax.jit`` of a pure function
-    of the state (what ``jax_adapter.training.TrainStep`` does). ``loop="user"``: ``nnx.jit`` of
-    ``nnx.value_and_grad`` called on the module itself, as a user's own loop is written."""
-    model.train()
-    filt = trainable_filter(freeze)
-    graph, params, rest = nnx.split(model, filt, ...)
-    if loop == "user":
-        @nnx.jit
-        def user_step(m, images, cots):
-            return nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, filt))(m, images, cots)
-
-        return (lambda images, cots: user_step(model, images, cots)), graph, rest
-
-    @jax.jit
-    def fn(params, rest, images, cots):
-        m = nnx.merge(graph, params, rest)
-        loss, grads = nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, filt))(m, images, cots)
-        return loss, grads
-
-    return (lambda images, cots: fn(params, rest, images, cots)), graph, rest
-
 
 def float64_grads(peer, timg, tcots) -> Dict[str, np.ndarray]:
     """The peer's gradients in float64 (a copy; BatchNorm statistics of the original untouched)."""
@@ -395,7 +365,7 @@ def main(argv=None) -> None:
                     help="retain: the allocator setting import jax_adapter applies (jax_adapter.memory), "
                          "for both sides; default: glibc's defaults (re-executes once with "
                          f"{memory.OPT_OUT}=0)")
-    ap.add_argument("--loop", default="user", choices=("user", "split"),
+    ap.add_argument("--loop", default="user", choices=LOOPS,
                     help="user: the step as a user writes it (nnx.jit of nnx.value_and_grad on the module); "
                          "split: jax.jit of a pure function of the split state (as TrainStep)")
     ap.add_argument("--out", default=None, help="results file (default results/train_step-cpu.json)")
