@@ -191,9 +191,17 @@ def _split_queries(x: jax.Array, chunk: int) -> jax.Array:
     return jnp.pad(x, pad).reshape((g, steps, chunk) + x.shape[2:])
 
 
+def _scaled(q, scale):
+    """``q`` in float32 times the softmax scale: ``[C, Dh]`` rather than ``[C, N]`` multiplies."""
+    return q.astype(F32) * scale
+
+
 def _forward_block(q, k, v, scale):
-    """One query block of one head: ``q [C, Dh]``, ``k, v [N, Dh]`` -> out ``[C, Dh]``, lse ``[C]``."""
-    s = jnp.dot(q, k.T, preferred_element_type=F32) * scale
+    """One query block of one head: ``q [C, Dh]``, ``k, v [N, Dh]`` -> out ``[C, Dh]``, lse ``[C]``.
+
+    The scale goes on the queries, not on the ``[C, N]`` logits: one pass fewer over the block.
+    """
+    s = jnp.dot(_scaled(q, scale), k.T.astype(F32), preferred_element_type=F32)
     m = jnp.max(s, axis=-1, keepdims=True)
     e = jnp.exp(s - m)
     denom = jnp.sum(e, axis=-1, keepdims=True)
@@ -237,12 +245,15 @@ def _chunked_bwd(scale, chunk, res, g):
         def step(carry, blk):
             dk, dv = carry
             qc, gc, lc, dc = blk
-            p = jnp.exp(jnp.dot(qc, kh.T, preferred_element_type=F32) * scale - lc[:, None])
+            # With q' = scale q: s = q' k^T, dk = dS'^T q' and dq = scale dS' k for
+            # dS' = P (dP - delta); the scale never touches a [C, N] block.
+            qs = _scaled(qc, scale)
+            p = jnp.exp(jnp.dot(qs, k32.T, preferred_element_type=F32) - lc[:, None])
             dv = dv + jnp.dot(p.T, gc.astype(F32))
             dp = jnp.dot(gc, vh.T, preferred_element_type=F32)
-            ds = p * (dp - dc[:, None]) * scale
-            dk = dk + jnp.dot(ds.T, qc.astype(F32))
-            return (dk, dv), jnp.dot(ds, k32).astype(q.dtype)
+            ds = p * (dp - dc[:, None])
+            dk = dk + jnp.dot(ds.T, qs)
+            return (dk, dv), (jnp.dot(ds, k32) * scale).astype(q.dtype)
 
         zeros = jnp.zeros(kh.shape, F32)
         (dk, dv), dq = lax.scan(step, (zeros, zeros), (qh, gh, lh, dh))
