@@ -9,9 +9,11 @@ One function, four implementations, chosen statically from the platform, dtype a
 - ``"chunked"``: the CPU path. A loop over (batch x head) and query chunks with a recomputing
   ``custom_vjp`` (the FlashAttention-2 algorithm written with XLA ops): the logits of one chunk
   stay in cache instead of going through memory, and the backward rebuilds them from the saved
-  log-sum-exp rather than storing them. Measured on a 2-core CPU at ``[2, 970, 6, 64]``, float32:
-  forward+backward in 0.74x-0.97x the time of PyTorch's ``scaled_dot_product_attention``, where
-  ``jax.nn.dot_product_attention`` took 2x (``benchmarks/cpu/train_step.py``, section ``parts``).
+  log-sum-exp rather than storing them. The softmax scale goes on the queries, never on a logit
+  block. Measured on 2 cores at ``[2, 970, 6, 64]``, float32, against PyTorch's
+  ``scaled_dot_product_attention``: forward+backward in 0.74x-0.97x its time on a Zen 4 EPYC
+  (AVX-512) and 1.05x-1.35x on a Zen 3 EPYC (AVX2), where ``jax.nn.dot_product_attention`` took
+  2x (``benchmarks/cpu/train_step.py``, section ``parts``).
 - ``"blocked"``: the GPU path where cuDNN cannot run (float32, head sizes cuDNN refuses, a
   refusal at trace time). FlashAttention-2's algorithm written with XLA ops, all heads of the
   batch at once: queries go in blocks whose ``[B, H, block, N]`` float32 logits stay under
