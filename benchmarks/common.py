@@ -34,6 +34,46 @@ def cpu_model() -> str:
     return model
 
 
+# (vendor, family, model) -> core generation, for CPUs whose model name a hypervisor hides
+# ("AMD EPYC"); from the vendors' published family/model numbers.
+_CORES = {
+    ("AuthenticAMD", 23, 49): "Zen 2 (Rome)",
+    ("AuthenticAMD", 25, 1): "Zen 3 (Milan)",
+    ("AuthenticAMD", 25, 17): "Zen 4 (Genoa)",
+    ("AuthenticAMD", 25, 160): "Zen 4c (Bergamo)",
+    ("AuthenticAMD", 26, 2): "Zen 5 (Turin)",
+    ("GenuineIntel", 6, 85): "Skylake-SP / Cascade Lake",
+    ("GenuineIntel", 6, 106): "Ice Lake-SP",
+    ("GenuineIntel", 6, 143): "Sapphire Rapids",
+    ("GenuineIntel", 6, 207): "Emerald Rapids",
+    ("GenuineIntel", 6, 173): "Granite Rapids",
+}
+
+
+def cpu_id(path: str = "/proc/cpuinfo") -> Dict[str, Any]:
+    """Vendor, family, model and stepping from ``/proc/cpuinfo``, and the core generation where
+    known: the model name alone does not tell a Zen 3 EPYC from a Zen 4 one under a hypervisor.
+    Empty where the file is missing (not Linux)."""
+    fields: Dict[str, Any] = {}
+    try:
+        with open(path) as f:
+            for ln in f:
+                if not ln.strip():
+                    break  # the first processor's block is enough
+                key, _, val = ln.partition(":")
+                key, val = key.strip(), val.strip()
+                if key == "vendor_id":
+                    fields["vendor"] = val
+                elif key in ("cpu family", "model", "stepping") and val.isdigit():
+                    fields[key.replace("cpu ", "")] = int(val)
+    except OSError:
+        return {}
+    core = _CORES.get((fields.get("vendor"), fields.get("family"), fields.get("model")))
+    if core:
+        fields["core"] = core
+    return fields
+
+
 def cpu_flags() -> List[str]:
     """The vector and matrix extensions the CPU reports (AVX2, AVX-512 families, AMX, VNNI)."""
     try:
@@ -69,7 +109,7 @@ def machine_info(**extra: Any) -> Dict[str, Any]:
     import jaxlib
 
     info: Dict[str, Any] = {
-        "cpu_model": cpu_model(), "cpu_flags": cpu_flags(),
+        "cpu_model": cpu_model(), "cpu_id": cpu_id(), "cpu_flags": cpu_flags(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
         "jax_backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
