@@ -49,9 +49,16 @@ Shapes = Tuple[Tuple[int, int], ...]
 # Corner dot products reduced together in one variadic reduce: each reduce reads ``g`` once. On
 # CPU the reduce over ``Dh`` compiles to scalar FMAs (a float sum is not reassociated), one row
 # pointer per corner; at 16 corners the pointers no longer fit the 16 general registers of x86-64
-# and spill (67 stack accesses in the kernel, 18 at 8), which made the extractor's backward 25%
-# slower on a Zen 3 EPYC. GPUs keep the larger group: one kernel, no register file of that size.
+# and spill (67 stack accesses in the kernel, 18 at 8): on a Zen 3 EPYC the extractor's
+# forward+backward took 8-17% less time at 8. The GPU formulation keeps 16 (not measured there).
 _DOT_GROUP = {"cpu": 8, "gpu": 16}
+
+# Most bytes of ``weight * g`` updates per scatter-add in the CPU backward. XLA:CPU materialises a
+# scatter's updates before scattering them; all corners of a pair at once are ``[Q, K, Dh]`` (16 MB
+# in the extractor), one corner at a time costs a scatter op per corner (48 in the injector, and
+# twice its compile time). Corners go in groups whose updates stay under this size: measured on a
+# Zen 3 EPYC, 4 MB beat 16 MB, 8 MB, 2 MB and one corner per scatter.
+_SCATTER_BYTES = 4 << 20
 
 _IN_BOUNDS = lax.GatherScatterMode.PROMISE_IN_BOUNDS
 
@@ -211,18 +218,19 @@ def _bwd(shapes, formulation, res, g):
         dots = _pair_corner_dots(table, r, gq, _DOT_GROUP["gpu"]).reshape(b, q, m, -1).transpose(0, 2, 1, 3)
     else:
         g = g.reshape(b, q, m, dh)
+        per_scatter = max(1, _SCATTER_BYTES // (q * dh * np.dtype(acc_dtype).itemsize))
 
         def pair(i, carry):
             grad_table, dots = carry
             r = rows[i]
             gp = lax.dynamic_slice(g, (i // m, 0, i % m, 0), (1, q, 1, dh))
             gp = gp.reshape(q, dh).astype(acc_dtype)
-            # Value gradient: one scatter-add per corner, whose rows stay within the pair's slice.
-            # XLA:CPU materialises a scatter's updates: per corner they are [Q, Dh] (1 MB in the
-            # extractor, cache-sized), for all corners at once [Q, K, Dh] (16 MB).
+            # Value gradient: scatter-adds of corner groups (see _SCATTER_BYTES); the rows stay
+            # within the pair's slice of the gradient.
             w = wts[i]
-            for k in range(r.shape[1]):
-                grad_table = grad_table.at[r[:, k]].add(w[:, k, None] * gp, mode=_IN_BOUNDS)
+            for k0 in range(0, r.shape[1], per_scatter):
+                ks = slice(k0, k0 + per_scatter)
+                grad_table = grad_table.at[r[:, ks]].add(w[:, ks, None] * gp[:, None, :], mode=_IN_BOUNDS)
             dots = dots.at[i].set(_pair_corner_dots(table, r, gp, _DOT_GROUP["cpu"]))
             return grad_table, dots
 

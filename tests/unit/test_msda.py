@@ -34,6 +34,26 @@ def test_fixture_parity_float64_with_gradients(core):
     assert (loc < 0).any() and (loc > 1).any()
 
 
+@pytest.mark.parametrize("per_scatter", [1, 5])
+def test_value_gradient_in_corner_groups_float64(core, monkeypatch, per_scatter):
+    # The CPU backward scatters the value gradient in groups of corners (msda_xla._SCATTER_BYTES);
+    # the fixture's queries are few, so by default it is one group. One corner per scatter and
+    # groups of 5 (which do not divide the corner count) against the float64 reference: 1e-6.
+    from jax_adapter.nn import msda_xla
+
+    q, dh = core["sampling_locations"].shape[1], core["value"].shape[-1]
+    corners = int(np.prod(core["sampling_locations"].shape[3:5])) * 4
+    assert corners % 5 != 0 and corners > per_scatter
+    monkeypatch.setattr(msda_xla, "_SCATTER_BYTES", per_scatter * q * dh * 8)
+    with jax.enable_x64(True):
+        f = lambda v, l, a: ops.ms_deform_attn(v, _shapes(core), l, a, impl="xla")
+        args = [jnp.asarray(core[k], jnp.float64) for k in ("value", "sampling_locations", "attention_weights")]
+        _, vjp = jax.vjp(f, *args)
+        grads = vjp(jnp.asarray(core["cotangent"]))
+    for g, name in zip(grads, ("grad_value", "grad_sampling_locations", "grad_attention_weights")):
+        assert rel_err(g, core[name]) < 1e-6, name
+
+
 def _naive(value, shapes, loc, attn):
     """Per-corner formula straight from the definition, in numpy float64."""
     b, _, m, dh = value.shape
