@@ -24,14 +24,24 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 QUIET_LOAD = 1.2
 
 
-def cpu_model() -> str:
-    model = platform.processor() or platform.machine()
+def _cpuinfo(path: str = "/proc/cpuinfo") -> Dict[str, str]:
+    """The first processor's ``key: value`` block of ``/proc/cpuinfo`` (empty where the file is
+    missing: not Linux)."""
+    fields: Dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+        with open(path) as f:
+            for ln in f:
+                if not ln.strip():
+                    break  # the first processor's block is enough
+                key, _, val = ln.partition(":")
+                fields[key.strip()] = val.strip()
     except OSError:
-        pass
-    return model
+        return {}
+    return fields
+
+
+def cpu_model() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 # (vendor, family, model) -> core generation, for CPUs whose model name a hypervisor hides
@@ -53,21 +63,12 @@ _CORES = {
 def cpu_id(path: str = "/proc/cpuinfo") -> Dict[str, Any]:
     """Vendor, family, model and stepping from ``/proc/cpuinfo``, and the core generation where
     known: the model name alone does not tell a Zen 3 EPYC from a Zen 4 one under a hypervisor.
-    Empty where the file is missing (not Linux)."""
-    fields: Dict[str, Any] = {}
-    try:
-        with open(path) as f:
-            for ln in f:
-                if not ln.strip():
-                    break  # the first processor's block is enough
-                key, _, val = ln.partition(":")
-                key, val = key.strip(), val.strip()
-                if key == "vendor_id":
-                    fields["vendor"] = val
-                elif key in ("cpu family", "model", "stepping") and val.isdigit():
-                    fields[key.replace("cpu ", "")] = int(val)
-    except OSError:
-        return {}
+    Empty where the file is missing."""
+    info = _cpuinfo(path)
+    fields: Dict[str, Any] = {"vendor": info["vendor_id"]} if "vendor_id" in info else {}
+    for key in ("cpu family", "model", "stepping"):
+        if info.get(key, "").isdigit():
+            fields[key.replace("cpu ", "")] = int(info[key])
     core = _CORES.get((fields.get("vendor"), fields.get("family"), fields.get("model")))
     if core:
         fields["core"] = core
@@ -76,11 +77,7 @@ def cpu_id(path: str = "/proc/cpuinfo") -> Dict[str, Any]:
 
 def cpu_flags() -> List[str]:
     """The vector and matrix extensions the CPU reports (AVX2, AVX-512 families, AMX, VNNI)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
-    except OSError:
-        return []
+    flags = _cpuinfo().get("flags", "").split()
     keep = ("avx2", "fma", "avx512", "amx", "vnni", "bf16")
     return sorted(f for f in flags if f.startswith(keep) or any(k in f for k in ("amx", "vnni")))
 
