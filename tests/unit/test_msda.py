@@ -18,16 +18,24 @@ def _shapes(core):
     return tuple(map(tuple, core["spatial_shapes"].tolist()))
 
 
-def test_fixture_parity_float64_with_gradients(core):
-    # Tolerance: 1e-6 relative to each array's largest value, in float64.
+GRAD_NAMES = ("grad_value", "grad_sampling_locations", "grad_attention_weights")
+
+
+def _fixture_fwd_bwd_float64(core):
+    """The XLA core's output and gradients on the fixture's inputs and cotangent, in float64."""
     with jax.enable_x64(True):
-        f = lambda v, l, a: ops.ms_deform_attn(v, _shapes(core), l, a, impl="xla")
+        f = lambda v, l, a: ops.ms_deform_attn(v, _shapes(core), l, a, impl="xla")  # noqa: E731
         args = [jnp.asarray(core[k], jnp.float64) for k in ("value", "sampling_locations", "attention_weights")]
         out, vjp = jax.vjp(f, *args)
-        assert out.dtype == jnp.float64
-        assert rel_err(out, core["output"]) < 1e-6
-        grads = vjp(jnp.asarray(core["cotangent"]))
-    for g, name in zip(grads, ("grad_value", "grad_sampling_locations", "grad_attention_weights")):
+        return out, vjp(jnp.asarray(core["cotangent"]))
+
+
+def test_fixture_parity_float64_with_gradients(core):
+    # Tolerance: 1e-6 relative to each array's largest value, in float64.
+    out, grads = _fixture_fwd_bwd_float64(core)
+    assert out.dtype == jnp.float64
+    assert rel_err(out, core["output"]) < 1e-6
+    for g, name in zip(grads, GRAD_NAMES):
         assert rel_err(g, core[name]) < 1e-6, name
     # The fixture must really exercise out-of-map locations.
     loc = core["sampling_locations"]
@@ -45,12 +53,8 @@ def test_value_gradient_in_corner_groups_float64(core, monkeypatch, per_scatter)
     corners = int(np.prod(core["sampling_locations"].shape[3:5])) * 4
     assert corners % 5 != 0 and corners > per_scatter
     monkeypatch.setattr(msda_xla, "_SCATTER_BYTES", per_scatter * q * dh * 8)
-    with jax.enable_x64(True):
-        f = lambda v, l, a: ops.ms_deform_attn(v, _shapes(core), l, a, impl="xla")
-        args = [jnp.asarray(core[k], jnp.float64) for k in ("value", "sampling_locations", "attention_weights")]
-        _, vjp = jax.vjp(f, *args)
-        grads = vjp(jnp.asarray(core["cotangent"]))
-    for g, name in zip(grads, ("grad_value", "grad_sampling_locations", "grad_attention_weights")):
+    _, grads = _fixture_fwd_bwd_float64(core)
+    for g, name in zip(grads, GRAD_NAMES):
         assert rel_err(g, core[name]) < 1e-6, name
 
 
@@ -172,7 +176,7 @@ def test_gpu_formulation_fixture_parity_float64(core):
         out, vjp = jax.jit(lambda *a: jax.vjp(f, *a))(*args)
         grads = vjp(jnp.asarray(core["cotangent"]))
     assert rel_err(out, core["output"]) < 1e-10
-    for g, name in zip(grads, ("grad_value", "grad_sampling_locations", "grad_attention_weights")):
+    for g, name in zip(grads, GRAD_NAMES):
         assert rel_err(g, core[name]) < 1e-10, name
 
 
